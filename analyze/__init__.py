@@ -1,0 +1,1 @@
+"""Offline analysis of training checkpoints (see analyze.cli)."""

@@ -1,0 +1,22 @@
+# Sourced by scripts/demo and scripts/test: create or reuse .venv and install the project into it.
+# torch and torchvision are pinned to the builds on this machine's disk (any other version downloads GBs).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+# Re-install only when pyproject.toml changed since the last successful install.
+STAMP="$VENV/.ckpt-dynamics-installed"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    echo "[setup] installing torch==2.14.1 torchvision==0.29.1 and the project (a few minutes the first time)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1"
+    touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+# Tests and demo are CPU-bound on small models: one BLAS thread per process avoids oversubscription
+# when dask runs several worker processes.
+export TOKENIZERS_PARALLELISM=false

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real checkpoint folders made by the real trainer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.experiment import run_experiment
+
+# Keep the suite deterministic and light on this 2-core machine.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def make_ckpts(out: Path, **overrides) -> Path:
+    """Train a tiny study into `out` (default: digits, ffnn 1x8, swap 2 of 3 epochs) and return `out`."""
+    settings = dict(dataset="digits", model_type="ffnn", hidden_nodes=[8], hidden_layers=[1],
+                    experiment_type="swap", optimizer="both", cut_off_epochs=2, num_epochs=3,
+                    batch_size=64, sgd_lr=0.05, ngd_lr=0.05, seed=3, out=str(out), quiet=True)
+    settings.update(overrides)
+    statuses = run_experiment(TrainConfig(**settings), log=lambda *a: None)
+    assert all(s == "complete" for s in statuses.values()), statuses
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts_master(tmp_path_factory) -> Path:
+    """A swap study on digits, trained once per session. Copy it (tiny_ckpts) before modifying."""
+    return make_ckpts(tmp_path_factory.mktemp("master") / "ckpts")
+
+
+@pytest.fixture
+def tiny_ckpts(tiny_ckpts_master, tmp_path) -> Path:
+    """A private copy of the session's tiny swap study (trunk epochs 0-2, branches epoch 3)."""
+    dest = tmp_path / "ckpts"
+    shutil.copytree(tiny_ckpts_master, dest)
+    return dest

@@ -1,0 +1,170 @@
+"""Datasets, all offline, rebuilt from a plain-JSON dataset spec stored in every checkpoint.
+
+Every dataset here fits in memory (CIFAR-10 is the largest at ~600 MB of float32), so all are held as
+tensors: batching is slicing, with no DataLoader worker overhead on small models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded; the message names the folder and files expected."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    task: str  # "classification" or "regression"
+    input_shape: tuple[int, ...]
+    outputs: int  # classes, or regression target dimension
+    noise_sigma: float | None = None  # regression only: the Gaussian noise std the loss assumes
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r} (train, val or test)")
+        return getattr(self, name)
+
+
+# Normalisation constants as the seed study used them.
+NORMALISATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.5,), (0.5,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+}
+
+TORCHVISION_FILES = {
+    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "fashion-mnist": ("FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "cifar10": ("cifar-10-batches-py", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                                        "data_batch_5", "test_batch", "batches.meta"]),
+}
+
+
+def dataset_spec_from_config(cfg) -> dict[str, Any]:
+    """The plain-JSON spec that `load_dataset` rebuilds the exact same splits from."""
+    spec: dict[str, Any] = {"name": cfg.dataset, "split_seed": cfg.split_seed,
+                            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
+    if cfg.dataset in TORCHVISION_FILES:
+        spec["root"] = str(Path(cfg.data_root).expanduser().resolve())
+        del spec["test_fraction"]  # torchvision sets come with their own test split
+    if cfg.dataset == "teacher":
+        spec.update(task=cfg.teacher_task, samples=cfg.teacher_samples, input_dim=cfg.teacher_input_dim,
+                    outputs=cfg.teacher_outputs,
+                    teacher_model={"type": cfg.teacher_model_type, "input_shape": [cfg.teacher_input_dim],
+                                   "outputs": cfg.teacher_outputs, "hidden_nodes": cfg.teacher_hidden_nodes,
+                                   "hidden_layers": cfg.teacher_hidden_layers})
+        if cfg.teacher_task == "regression":
+            spec["noise_sigma"] = cfg.teacher_noise_sigma
+    return spec
+
+
+def load_dataset(spec: dict[str, Any], root: str | None = None) -> Splits:
+    """Rebuild the splits a spec describes; `root` overrides the spec's data folder (another machine)."""
+    name = spec.get("name")
+    if name == "digits":
+        return _digits(spec)
+    if name == "teacher":
+        return _teacher(spec)
+    if name in TORCHVISION_FILES:
+        return _torchvision(spec, Path(root or spec.get("root") or "data"))
+    raise DataError(f"unknown dataset {name!r} in dataset spec")
+
+
+def _three_way_split(n: int, spec: dict, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    perm = torch.randperm(n, generator=generator)
+    n_test = int(round(n * spec["test_fraction"]))
+    n_val = int(round(n * spec["val_fraction"]))
+    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test]
+
+
+def _digits(spec: dict) -> Splits:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train, val, test = _three_way_split(len(y), spec, torch.Generator().manual_seed(spec["split_seed"]))
+    # Standardise with the training split's pixel mean and std (scalars, so it stays a plain image).
+    mean, std = x[train].mean(), x[train].std()
+    x = (x - mean) / std
+    return Splits(Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]),
+                  task="classification", input_shape=(1, 8, 8), outputs=10)
+
+
+def _teacher(spec: dict) -> Splits:
+    from trainer.models import build_model
+
+    g = torch.Generator().manual_seed(spec["split_seed"])
+    teacher_spec = spec["teacher_model"]
+    torch_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(spec["split_seed"] + 7919)  # teacher weights: seeded, distinct from the split seed
+        teacher = build_model(teacher_spec).eval()
+    finally:
+        torch.random.set_rng_state(torch_state)
+    x = torch.randn(spec["samples"], spec["input_dim"], generator=g)
+    with torch.no_grad():
+        out = teacher(x)
+    if spec["task"] == "classification":
+        # Labels sampled from the teacher's softmax, so the teacher is the true (realisable) distribution.
+        y = torch.multinomial(torch.softmax(out, dim=1), 1, generator=g).squeeze(1)
+        sigma = None
+    else:
+        sigma = float(spec["noise_sigma"])
+        y = out + sigma * torch.randn(out.shape, generator=g)
+    train, val, test = _three_way_split(len(x), spec, g)
+    return Splits(Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]),
+                  task=spec["task"], input_shape=(spec["input_dim"],), outputs=spec["outputs"],
+                  noise_sigma=sigma)
+
+
+def _torchvision(spec: dict, root: Path) -> Splits:
+    name = spec["name"]
+    sub, files = TORCHVISION_FILES[name]
+    folder = root / sub
+    missing = [f for f in files if not ((folder / f).exists() or (folder / (f + ".gz")).exists())]
+    if missing:
+        raise DataError(f"{name}: dataset files not found in {folder} (expected {', '.join(files)}; "
+                        f"missing {', '.join(missing)}); put torchvision's layout under --data-root")
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train_pool, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{name}: cannot read the dataset in {folder}: {e}") from None
+
+    def tensors(ds) -> Split:
+        data = torch.as_tensor(np.asarray(ds.data)).float() / 255.0
+        data = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)  # CIFAR is NHWC
+        mean, std = NORMALISATION[name]
+        data = (data - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        return Split(data.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long))
+
+    pool, test_split = tensors(train_pool), tensors(test)
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(spec["split_seed"]))
+    n_val = int(round(len(pool) * spec["val_fraction"]))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    return Splits(Split(pool.x[train_idx], pool.y[train_idx]), Split(pool.x[val_idx], pool.y[val_idx]),
+                  test_split, task="classification", input_shape=tuple(pool.x.shape[1:]), outputs=10)

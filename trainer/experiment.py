@@ -1,0 +1,273 @@
+"""Experiments: which runs to train (standard or swap), and training one run with its checkpoints and logs.
+
+standard: every optimizer trains from the same initial weights with the same batch order.
+swap:     an SGD trunk to the cut-off epoch, then two branches from the trunk's cut-off checkpoint
+          (SGD with a fresh optimizer, and NGD) to num_epochs. Branches record their parent and hold
+          only their own epochs (no padding); their epoch and step numbers continue the trunk's.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from trainer.atomic import atomic_write_json, atomic_write_parquet
+from trainer.checkpoints import (checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
+                                 save_resume_state)
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import Splits, dataset_spec_from_config, load_dataset
+from trainer.losses import nll_loss
+from trainer.loop import NonFiniteLoss, evaluate, train_epoch
+from trainer.models import build_model, family_name, model_spec_from_config
+from trainer.optim.factory import build_optimizer, optimizer_settings
+
+RUN_FORMAT = 1
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunPlan:
+    name: str
+    family: str
+    role: str  # "standard", "trunk" or "branch"
+    optimizer: dict
+    model_spec: dict
+    first_epoch: int  # the epoch this run starts from (its checkpoint is the parent's for a branch)
+    last_epoch: int
+    parent: dict | None = None  # {"run": name, "epoch": cut-off}
+
+
+def plan_runs(cfg: TrainConfig, model_specs: list[dict]) -> list[RunPlan]:
+    plans = []
+    for spec in model_specs:
+        family = family_name(spec)
+        if cfg.experiment_type == "standard":
+            names = ["sgd", "ngd"] if cfg.optimizer == "both" else [cfg.optimizer]
+            plans += [RunPlan(f"{family}-{o}", family, "standard", optimizer_settings(o, cfg), spec, 0, cfg.num_epochs)
+                      for o in names]
+        else:
+            trunk = f"{family}-trunk"
+            plans.append(RunPlan(trunk, family, "trunk", optimizer_settings("sgd", cfg), spec, 0, cfg.cut_off_epochs))
+            parent = {"run": trunk, "epoch": cfg.cut_off_epochs}
+            plans += [RunPlan(f"{family}-swap-{o}", family, "branch", optimizer_settings(o, cfg), spec,
+                              cfg.cut_off_epochs, cfg.num_epochs, parent) for o in ("sgd", "ngd")]
+    return plans
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Batch order and dropout of each epoch derive from (seed, epoch) alone: resuming needs no RNG state,
+    and the two branches of a swap (and the runs of a standard experiment) see the same batches."""
+    return (seed * 1_000_003 + epoch) % (2**63 - 1)
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "safetensors": safetensors.__version__}
+
+
+def fingerprint(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict) -> dict[str, Any]:
+    """What must match for --resume to continue a run rather than start a different one."""
+    return {"model_spec": plan.model_spec, "dataset_spec": dataset_spec, "optimizer": plan.optimizer,
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "first_epoch": plan.first_epoch,
+            "last_epoch": plan.last_epoch, "parent": plan.parent, "ckpt_every_steps": cfg.ckpt_every_steps}
+
+
+def check_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("invalid value for 'device': cuda was asked for but CUDA is not available here")
+    return torch.device(device)
+
+
+def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
+    """Train every run the config describes. Returns {run name: status}."""
+    cfg.validate()
+    device = check_device(cfg.device)
+    out = Path(cfg.out)
+    dataset_spec = dataset_spec_from_config(cfg)
+    splits = load_dataset(dataset_spec)
+    specs = model_spec_from_config(cfg, splits.input_shape, splits.outputs)
+    for spec in specs:  # fail on an unbuildable model before anything is written
+        try:
+            build_model(spec)
+        except ValueError as e:
+            raise ConfigError(f"invalid value for '{'layers' if cfg.model_type == 'layers' else 'model_type'}': {e}") from None
+    plans = plan_runs(cfg, specs)
+    existing = [p.name for p in plans if (out / p.name / "run.json").exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise RunExistsError(f"run(s) {', '.join(existing)} already exist in {out}/; "
+                             "use --resume to continue them or --overwrite to replace them")
+    statuses: dict[str, str] = {}
+    for plan in plans:
+        if plan.parent and statuses.get(plan.parent["run"]) != "complete":
+            log(f"[{plan.name}] skipped: parent run {plan.parent['run']} did not complete")
+            statuses[plan.name] = "skipped"
+            continue
+        trainer = RunTrainer(plan, cfg, splits, dataset_spec, out / plan.name, device, log)
+        statuses[plan.name] = trainer.train()
+    return statuses
+
+
+class RunTrainer:
+    """Train one run: fresh, resumed, or from a parent checkpoint; checkpoint and log every epoch."""
+
+    def __init__(self, plan: RunPlan, cfg: TrainConfig, splits: Splits, dataset_spec: dict, run_dir: Path,
+                 device: torch.device, log=print):
+        self.plan, self.cfg, self.dataset_spec, self.run_dir, self.device, self.log = \
+            plan, cfg, dataset_spec, run_dir, device, log
+        self.train_split = _to(splits.train, device)
+        self.eval_splits = {"val": _to(splits.val, device), "test": _to(splits.test, device)}
+        self.loss_fn = nll_loss(splits.task, splits.noise_sigma)
+        self.per_sample = nll_loss(splits.task, splits.noise_sigma, reduction="none")
+        self.fingerprint = fingerprint(plan, cfg, dataset_spec)
+
+    # ---------------------------------------------------------------- set-up
+    def _run_record(self, status: str, **extra) -> dict:
+        p = self.plan
+        return {"format_version": RUN_FORMAT, "run": p.name, "family": p.family, "role": p.role,
+                "experiment_type": self.cfg.experiment_type, "optimizer": p.optimizer, "model_spec": p.model_spec,
+                "dataset_spec": self.dataset_spec, "seed": self.cfg.seed, "parent": p.parent,
+                "epochs": {"first": p.first_epoch, "last": p.last_epoch}, "config": self.cfg.to_dict(),
+                "fingerprint": self.fingerprint, "versions": versions(), "status": status, **extra}
+
+    def _prepare(self):
+        """Return (model, optimizer, next epoch, global step, steps rows, epoch rows) to continue from."""
+        run_json = self.run_dir / "run.json"
+        if run_json.exists() and self.cfg.resume:
+            record = json.loads(run_json.read_text())
+            if record.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
+                raise ConfigError(f"{run_json}: --resume with a different configuration than the run was started "
+                                  "with; use --overwrite to start it again")
+            if record.get("status") == "complete":
+                return None
+            resume = self.run_dir / "resume.safetensors"
+            if resume.exists():
+                return self._resume_from(resume)
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)  # --overwrite, or a resume of a run that never finished its first epoch
+        self.run_dir.mkdir(parents=True)
+        atomic_write_json(run_json, self._run_record("running"))
+        return self._start_fresh()
+
+    def _start_fresh(self):
+        p = self.plan
+        if p.parent is None:
+            torch.manual_seed(self.cfg.seed)  # same seed -> same initial weights for every optimizer
+            model = build_model(p.model_spec).to(self.device)
+            step = 0
+            # Epoch 0 logs the initial weights' full training-set loss (no minibatches yet).
+            train_loss, train_acc = evaluate(model, self.per_sample, self.train_split)
+            epoch_rows = [self._epoch_row(model, 0, 0, train_loss, train_acc, [], 0.0)]
+            self._save_ckpt(model, 0, step, train_loss, epoch_rows[0]["val_loss"])
+            self._write_logs([], epoch_rows)
+        else:
+            parent_dir = self.run_dir.parent / p.parent["run"]
+            parent = read_checkpoint(parent_dir / checkpoint_name(p.parent["epoch"]))
+            model = build_model(p.model_spec)
+            model.load_state_dict(parent.tensors)
+            model.to(self.device)
+            step = parent.meta["step"]
+            epoch_rows = []
+        optimizer = build_optimizer(p.optimizer, model.parameters())
+        return model, optimizer, p.first_epoch + 1, step, [], epoch_rows
+
+    def _resume_from(self, resume_path: Path):
+        epoch, step, opt_state = read_resume_state(resume_path)
+        ckpt = read_checkpoint(self.run_dir / checkpoint_name(epoch))
+        model = build_model(self.plan.model_spec)
+        model.load_state_dict(ckpt.tensors)
+        model.to(self.device)
+        optimizer = build_optimizer(self.plan.optimizer, model.parameters())
+        optimizer.load_state_dict(opt_state)
+        # Logs may hold rows of an epoch whose checkpoint was written but whose resume state was not.
+        steps = pd.read_parquet(self.run_dir / "steps.parquet") if (self.run_dir / "steps.parquet").exists() else None
+        epochs = pd.read_parquet(self.run_dir / "epochs.parquet")
+        step_rows = [] if steps is None else steps[steps.epoch <= epoch].to_dict("records")
+        epoch_rows = epochs[epochs.epoch <= epoch].to_dict("records")
+        self.log(f"[{self.plan.name}] resuming after epoch {epoch} (step {step})")
+        return model, optimizer, epoch + 1, step, step_rows, epoch_rows
+
+    # ---------------------------------------------------------------- records
+    def _epoch_row(self, model, epoch, step, train_loss, train_acc, steps, seconds) -> dict:
+        row = {"epoch": epoch, "step": step, "train_loss": train_loss,
+               "train_acc": train_acc}
+        for name, split in self.eval_splits.items():
+            row[f"{name}_loss"], row[f"{name}_acc"] = evaluate(model, self.per_sample, split)
+        norms = [s["update_norm"] for s in steps]
+        row["update_norm_mean"] = sum(norms) / len(norms) if norms else float("nan")
+        row["seconds"] = seconds
+        return row
+
+    def _save_ckpt(self, model, epoch, step, train_loss, val_loss, kind="epoch"):
+        name = checkpoint_name(epoch) if kind == "epoch" else checkpoint_name(epoch, step)
+        save_checkpoint(self.run_dir / name, model.state_dict(), run=self.plan.name, epoch=epoch, step=step,
+                        optimizer=self.plan.optimizer["name"], model_spec=self.plan.model_spec,
+                        dataset_spec=self.dataset_spec, kind=kind, train_loss=train_loss,
+                        val_loss=float("nan") if val_loss is None else val_loss)
+
+    def _write_logs(self, step_rows, epoch_rows):
+        if step_rows:
+            atomic_write_parquet(self.run_dir / "steps.parquet", pd.DataFrame(step_rows))
+        frame = pd.DataFrame(epoch_rows)
+        atomic_write_parquet(self.run_dir / "epochs.parquet", frame)
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> str:
+        prepared = self._prepare()
+        if prepared is None:
+            self.log(f"[{self.plan.name}] already complete")
+            return "complete"
+        model, optimizer, first, step, step_rows, epoch_rows = prepared
+        batches = -(-len(self.train_split) // self.cfg.batch_size)
+        every = self.cfg.ckpt_every_steps
+        for epoch in range(first, self.plan.last_epoch + 1):
+            seed = epoch_seed(self.cfg.seed, epoch)
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator().manual_seed(seed)  # batch order
+
+            def on_step(s, epoch=epoch):
+                if every and s % every == 0 and s % batches != 0:
+                    self._save_ckpt(model, epoch, s, float("nan"), None, kind="step")
+
+            with tqdm(total=batches, desc=f"{self.plan.name} epoch {epoch}", leave=False, unit="batch",
+                      disable=True if self.cfg.quiet else None, file=sys.stderr) as bar:  # None: off when not a TTY
+                try:
+                    result = train_epoch(model, optimizer, self.loss_fn, self.train_split, self.cfg.batch_size,
+                                         generator, epoch=epoch, first_step=step, on_step=on_step, progress=bar)
+                except NonFiniteLoss as e:
+                    self.log(f"[{self.plan.name}] stopped: {e} (epoch {epoch}); checkpoints up to epoch "
+                             f"{epoch - 1} are kept")
+                    atomic_write_json(self.run_dir / "run.json", self._run_record(
+                        "diverged", diverged_at={"epoch": epoch, "step": e.step, "loss": repr(e.loss)}))
+                    return "diverged"
+            step = result.steps[-1]["step"]
+            step_rows += result.steps
+            row = self._epoch_row(model, epoch, step, result.train_loss, result.train_acc, result.steps, result.seconds)
+            epoch_rows.append(row)
+            self._save_ckpt(model, epoch, step, row["train_loss"], row["val_loss"])
+            self._write_logs(step_rows, epoch_rows)
+            save_resume_state(self.run_dir / "resume.safetensors", epoch=epoch, step=step,
+                              optimizer_state=optimizer.state_dict())
+            acc = f" acc {row['val_acc']:.3f}" if row["val_acc"] == row["val_acc"] else ""
+            self.log(f"[{self.plan.name}] epoch {epoch}/{self.plan.last_epoch}  train {row['train_loss']:.4f}  "
+                     f"val {row['val_loss']:.4f}{acc}  |dw| {row['update_norm_mean']:.3g}  {row['seconds']:.1f}s")
+        atomic_write_json(self.run_dir / "run.json", self._run_record("complete"))
+        return "complete"
+
+
+def _to(split, device):
+    from trainer.data import Split
+
+    return Split(split.x.to(device), split.y.to(device))

@@ -1,0 +1,86 @@
+"""One epoch of training and a full-split evaluation, on in-memory tensors."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trainer.data import Split
+from trainer.losses import LossFn
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+@dataclass
+class EpochResult:
+    train_loss: float  # mean minibatch loss during the epoch (train mode), as the study logged it
+    train_acc: float
+    steps: list[dict] = field(default_factory=list)  # one row per optimizer step
+    seconds: float = 0.0
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, data: Split,
+                batch_size: int, generator: torch.Generator, *, epoch: int, first_step: int,
+                on_step: Callable[[int], None] | None = None, progress=None) -> EpochResult:
+    """Shuffle with `generator`, take one optimizer step per minibatch, log loss and update norm per step."""
+    start = time.perf_counter()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    order = torch.randperm(len(data), generator=generator).to(data.x.device)
+    rows, loss_sum, correct, seen = [], 0.0, 0, 0
+    step = first_step
+    for begin in range(0, len(data), batch_size):
+        idx = order[begin:begin + batch_size]
+        xb, yb = data.x[idx], data.y[idx]
+        before = [p.detach().clone() for p in params]
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        value = loss.item()
+        step += 1
+        if not math.isfinite(value):
+            raise NonFiniteLoss(step, value)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            update = torch._foreach_sub([p.detach() for p in params], before)
+            update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update))).item()
+            if out.ndim == 2 and yb.ndim == 1:
+                correct += (out.argmax(1) == yb).sum().item()
+        rows.append({"epoch": epoch, "step": step, "loss": value, "update_norm": update_norm,
+                     "lr": optimizer.param_groups[0]["lr"]})
+        loss_sum += value * len(idx)
+        seen += len(idx)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if on_step is not None:
+            on_step(step)
+    acc = correct / seen if data.y.ndim == 1 else math.nan
+    return EpochResult(loss_sum / seen, acc, rows, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for begin in range(0, len(data), batch_size):
+        xb, yb = data.x[begin:begin + batch_size], data.y[begin:begin + batch_size]
+        out = model(xb)
+        total += per_sample_loss(out, yb).sum().item()
+        if yb.ndim == 1:
+            correct += (out.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    n = len(data)
+    return total / n, (correct / n if data.y.ndim == 1 else math.nan)

@@ -1,0 +1,3 @@
+from trainer.optim.ngd import NGD
+
+__all__ = ["NGD"]

@@ -1,0 +1,296 @@
+"""Online natural gradient descent (Povey, Zhang and Khudanpur 2015, arXiv:1410.7455).
+
+What this is: each parameter tensor's gradient G is preconditioned, axis by
+axis, with the inverse of a smoothed running estimate of a Fisher factor
+F_a ~ E[X^T X / N], where X is G viewed with axis a last (the other axes act
+as samples).  The statistics are those of *minibatch-mean* gradients (not of
+per-example gradients), so the preconditioner damps the directions that recent
+minibatch gradients shared and boosts the rarely visited ones.  The result is
+rescaled to the norm of G, so NGD changes the step's direction only; momentum
+and the learning rate then apply exactly as in ``torch.optim.SGD``.
+
+Each estimate is kept as "top R eigenpairs plus one scalar for the rest"
+(R = min((d + 1) // 2, 80)) and refreshed on the first 10 steps, then every 4
+steps; truncation uses a small Gram matrix when the update has low rank.  A
+step costs more than an SGD step (and is not promised to train faster).
+
+``dense_natural_direction`` and ``truncate_fisher`` are plain dense reference
+implementations of the same maths, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["NGD", "dense_natural_direction", "truncate_fisher", "fisher_rank"]
+
+# Eigenvalues of the Gram matrix below this fraction of the largest are treated
+# as exact zeros: mapping their eigenvectors back (M v / sqrt(s)) would amplify
+# rounding error, and an eigenvalue that small never survives the delta floor.
+_GRAM_RTOL = 1e-10
+
+
+def fisher_rank(d: int) -> int:
+    """Number R of eigenpairs kept for a d x d Fisher factor."""
+    return min((d + 1) // 2, 80)
+
+
+def _update_due(step: int) -> bool:
+    """Refresh schedule: each of the first 10 steps, then every 4 steps."""
+    return step <= 10 or (step - 10) % 4 == 0
+
+
+# ----------------------------------------------------------------------------
+# Dense reference implementations (used by the tests)
+# ----------------------------------------------------------------------------
+
+
+def truncate_fisher(F: Tensor, epsilon: float, delta: float) -> Tensor:
+    """Dense d x d matrix of the low-rank-plus-identity truncation of symmetric F.
+
+    Keeps the top R eigenpairs, replaces the other d - R eigenvalues by their
+    mean rho, and floors kept eigenvalues and rho at max(epsilon, delta * lam_max).
+    """
+    d = F.shape[0]
+    R = fisher_rank(d)
+    evals, evecs = torch.linalg.eigh(F)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    lam, U = evals[:R], evecs[:, :R]
+    rho = evals[R:].mean()
+    floor = max(epsilon, delta * float(evals[0]))
+    lam = lam.clamp_min(floor)
+    rho = rho.clamp_min(floor)
+    eye = torch.eye(d, dtype=F.dtype, device=F.device)
+    return (U * lam) @ U.T + rho * (eye - U @ U.T)
+
+
+def dense_natural_direction(grad: Tensor, fishers: list[Tensor | None], alpha: float) -> Tensor:
+    """Dense reference of the preconditioning and rescaling (steps 3-4).
+
+    ``fishers[a]`` is the d_a x d_a estimate for axis a, or None to skip it.
+    """
+    if grad.dim() == 0:
+        return grad.clone()
+    out = grad
+    for a, F in enumerate(fishers):
+        if F is None:
+            continue
+        d = F.shape[0]
+        c = alpha * torch.trace(F) / d
+        Fs = F + c * torch.eye(d, dtype=F.dtype, device=F.device)
+        Y = out.movedim(a, -1)
+        shape = Y.shape
+        X = Y.reshape(-1, d)
+        # X Fs^-1 = (Fs^-1 X^T)^T, Fs symmetric.
+        X = torch.linalg.solve(Fs, X.T).T
+        out = X.reshape(shape).movedim(-1, a)
+    gnorm = grad.norm()
+    if gnorm == 0:
+        return torch.zeros_like(grad)
+    return out * (gnorm / out.norm())
+
+
+# ----------------------------------------------------------------------------
+# Low-rank machinery
+# ----------------------------------------------------------------------------
+
+
+def _truncate_lowrank(
+    M: Tensor, c0: float | Tensor, trace: Tensor, R: int, epsilon: float, delta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncate F = c0 * I + M M^T (M: d x K, float64) to (U, lam, rho), floors applied.
+
+    ``trace`` is tr F, known in closed form, so rho needs only the kept eigenvalues.
+    """
+    d, K = M.shape
+    if K < d:
+        # F's spectrum is c0 plus that of M M^T, whose nonzero part is that of
+        # the small K x K Gram matrix M^T M: no d x d decomposition needed.
+        s, V = torch.linalg.eigh(M.T @ M)
+        s, V = s.flip(0)[:R], V.flip(1)[:, :R]
+        keep = s > _GRAM_RTOL * s[0]
+        s = torch.where(keep, s, torch.zeros_like(s))
+        # Dropped/null directions get zero columns: their eigenvalue is c0,
+        # which is also rho's (so they carry no weight in F or F^-1).
+        scale = torch.where(keep, s.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(), torch.zeros_like(s))
+        U = (M @ V) * scale
+        if s.shape[0] < R:  # fewer than R columns: pad with null directions
+            pad = R - s.shape[0]
+            s = torch.cat([s, s.new_zeros(pad)])
+            U = torch.cat([U, U.new_zeros(d, pad)], dim=1)
+        lam = s + c0
+    else:
+        F = M @ M.T
+        F.diagonal().add_(c0)
+        evals, evecs = torch.linalg.eigh(F)
+        lam, U = evals.flip(0)[:R], evecs.flip(1)[:, :R]
+    rho = (trace - lam.sum()) / (d - R)
+    floor = torch.clamp_min(delta * lam[0], epsilon)
+    lam = torch.maximum(lam, floor)
+    rho = torch.maximum(rho, floor)
+    return U, lam, rho
+
+
+class NGD(torch.optim.Optimizer):
+    """Online natural gradient with SGD-style (optionally Nesterov) momentum.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (required).
+        alpha: smoothing, F~ = F^ + alpha * tr(F^)/d * I.
+        eta: forgetting factor, F_t = eta * S_t + (1 - eta) * F^_{t-1}.
+        epsilon: absolute eigenvalue floor.
+        delta: eigenvalue floor relative to the largest eigenvalue.
+        momentum, nesterov: as in ``torch.optim.SGD`` (dampening 0).
+        weight_decay: L2 term added to the gradient before preconditioning.
+
+    Per-parameter state (tensors only): ``step`` (int64 scalar), and for each
+    axis a of size > 1 ``U_a`` (d x R), ``lam_a`` (R), ``rho_a`` (scalar);
+    ``momentum_buffer`` when momentum != 0.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        alpha: float = 0.1,
+        eta: float = 0.9,
+        epsilon: float = 1e-10,
+        delta: float = 5e-4,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+    ):
+        if lr is None or lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if alpha <= 0.0:
+            raise ValueError(f"alpha must be > 0 (the smoothing keeps F~ invertible): {alpha}")
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta must be in (0, 1]: {eta}")
+        if epsilon <= 0.0:
+            raise ValueError(f"epsilon must be > 0: {epsilon}")
+        if delta < 0.0:
+            raise ValueError(f"delta must be >= 0: {delta}")
+        if momentum < 0.0:
+            raise ValueError(f"invalid momentum: {momentum}")
+        if nesterov and momentum <= 0.0:
+            raise ValueError("Nesterov momentum requires a positive momentum")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = dict(
+            lr=lr, alpha=alpha, eta=eta, epsilon=epsilon, delta=delta,
+            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("NGD does not support sparse gradients")
+                self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        g = p.grad
+        if group["weight_decay"] != 0.0:
+            g = g.add(p, alpha=group["weight_decay"])
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+        state["step"] += 1
+        step = int(state["step"])
+
+        if g.dim() == 0:
+            direction = g.clone()  # nothing to precondition: plain SGD
+        else:
+            direction = self._natural_direction(g, state, step, group)
+
+        momentum = group["momentum"]
+        if momentum != 0.0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = direction.clone()
+                state["momentum_buffer"] = buf
+            else:
+                buf.mul_(momentum).add_(direction)
+            if group["nesterov"]:
+                direction = direction.add(buf, alpha=momentum)
+            else:
+                direction = buf
+        p.add_(direction, alpha=-group["lr"])
+
+    def _natural_direction(self, g: Tensor, state: dict, step: int, group: dict) -> Tensor:
+        axes = [a for a, d in enumerate(g.shape) if d > 1]
+        if step == 1:
+            # No previous estimate: initialise from this gradient, then use it.
+            for a in axes:
+                self._refresh(g, a, state, group, init=True)
+        out = g
+        for a in axes:
+            out = self._apply_inverse(out, a, state, group["alpha"])
+        if step > 1 and _update_due(step):
+            # Update after preconditioning, from the raw gradient.
+            for a in axes:
+                self._refresh(g, a, state, group, init=False)
+        gnorm = g.norm()
+        # F~^-1 is positive definite, so out = 0 only if g = 0; then scale = 0.
+        return out * (gnorm / out.norm().clamp_min(torch.finfo(out.dtype).tiny))
+
+    @staticmethod
+    def _apply_inverse(t: Tensor, a: int, state: dict, alpha: float) -> Tensor:
+        """t with axis a mapped by F~^-1, using only the low-rank factors."""
+        U, lam, rho = state[f"U_{a}"], state[f"lam_{a}"], state[f"rho_{a}"]
+        d, R = U.shape
+        c = alpha * (lam.sum() + (d - R) * rho) / d
+        # Apply (rho + c) * F~^-1 = I + U diag((rho + c) / (lam + c) - 1) U^T:
+        # the factor rho + c cancels in the final rescaling, and leaving it out
+        # keeps magnitudes O(|G|) (1/c per axis would underflow float32 norms
+        # for large alpha on tensors with many axes).
+        coef = (rho + c) / (lam + c) - 1.0
+        Y = t.movedim(a, -1)
+        X = Y.reshape(-1, d)  # a view for 1-D/2-D tensors (2-D: maybe transposed)
+        out = torch.addmm(X, (X @ U) * coef, U.T)
+        return out.reshape(Y.shape).movedim(-1, a)
+
+    @staticmethod
+    def _refresh(g: Tensor, a: int, state: dict, group: dict, init: bool) -> None:
+        """Update (or initialise) axis a's truncated Fisher estimate from raw g."""
+        d = g.shape[a]
+        R = fisher_rank(d)
+        X = g.movedim(a, -1).reshape(-1, d).to(torch.float64)
+        N = X.shape[0]
+        sq = X.square().sum()
+        if init:
+            eta, c0, cols = 1.0, 0.0, None
+            trace = sq / N
+        else:
+            eta = group["eta"]
+            U = state[f"U_{a}"].to(torch.float64)
+            lam = state[f"lam_{a}"].to(torch.float64)
+            rho = state[f"rho_{a}"].to(torch.float64)
+            c0 = (1.0 - eta) * rho
+            trace = eta * sq / N + (1.0 - eta) * (lam.sum() + (d - R) * rho)
+            w = ((1.0 - eta) * (lam - rho)).clamp_min(0.0)
+            live = w > 0  # floored directions (lam == rho) add nothing to M M^T
+            cols = U[:, live] * w[live].sqrt()
+        M = X.T * math.sqrt(eta / N)
+        if cols is not None and cols.shape[1] > 0:
+            M = torch.cat([M, cols], dim=1)
+        U_new, lam_new, rho_new = _truncate_lowrank(
+            M, c0, trace, R, group["epsilon"], group["delta"]
+        )
+        dtype = g.dtype
+        state[f"U_{a}"] = U_new.to(dtype).contiguous()
+        state[f"lam_{a}"] = lam_new.to(dtype)
+        state[f"rho_{a}"] = rho_new.to(dtype)

@@ -48,6 +48,8 @@ class Option:
                 value = int(value)
             elif self.type is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            elif self.type is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = repr(value)  # a config file's `sigma = 5` for a text option such as "5" or "median"
             if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
                 raise ValueError(value)
         except ValueError:

@@ -1,0 +1,58 @@
+"""SGLD through devinterp 2.x (the reference backend), adapted to classifiers and regressors.
+
+devinterp 2 samples language models: it takes a HuggingFace dataset with an `input_ids` column and a
+per-token loss `(model, input_ids) -> (batch, seq - 1)`. The adapter stores each sample's row index
+twice as `input_ids` (sequences need length >= 2) and the loss looks the samples up by index, so
+devinterp drives the chain, the batching and the noise while the loss is this project's NLL.
+
+devinterp 2.0.1 pitfalls handled here:
+- it treats an existing `output_path` as a cache, even for a different model: every call gets a fresh
+  folder, deleted afterwards (and with `output_path=None` it leaves temporary folders behind);
+- it averages burn-in into its LLC and uses a few-batch init loss: we take only its per-step loss
+  trace and compute LLC, WBIC and diagnostics ourselves, with the full-data L_n(w*);
+- it samples in train mode: the loss puts the model in eval mode on every call;
+- it imports transformers (~10 s): imported only when this backend runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from analyze.sgld import SGLDSettings
+
+SAMPLERS = {"sgld": "sgmcmc_sgld", "rmsprop-sgld": "rmsprop_sgld"}
+
+
+def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Tensor,
+                            y: torch.Tensor, settings: SGLDSettings, sampler: str = "sgld") -> np.ndarray:
+    """Same contract as analyze.sgld.sample_losses: per-step minibatch losses, (chains, burnin + draws)."""
+    from datasets import Dataset
+    from devinterp.slt.sampling import sample
+
+    n = len(y)
+    rows = Dataset.from_dict({"input_ids": [[i, i] for i in range(n)]}).with_format("torch")
+
+    def loss_by_index(net: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        net.eval()  # devinterp calls model.train() before sampling
+        idx = input_ids[:, 0].to(x.device)
+        return per_sample_loss(net(x[idx]), y[idx]).unsqueeze(1)  # (batch, 1) "tokens"
+
+    batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
+    folder = Path(tempfile.mkdtemp(prefix="devinterp-"))
+    try:
+        tree = sample(model, rows, observables={}, lr=settings.lr, n_beta=settings.nbeta,
+                      num_chains=settings.chains, num_draws=settings.draws, num_burnin_steps=settings.burnin,
+                      batch_size=batch, localization=settings.localization, init_seed=settings.seed,
+                      num_init_loss_batches=1, sampling_method=SAMPLERS[sampler],
+                      device=str(x.device), output_path=folder / "samples.zarr", loss_fn=loss_by_index)
+        micro = tree.dataset["sampling_loss_micro"]  # (chain, step, batch_sampling, token_pos)
+        trace = micro.mean(dim=[d for d in micro.dims if d not in ("chain", "step")]).values
+        return np.asarray(trace, dtype=np.float64)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""From SGLD loss traces to LLC, WBIC and chain diagnostics.
+
+    LLC_c = nbeta * (mean_t L_B(w_t) over chain c's kept draws - L_n(w*))
+    LLC   = mean over chains;  WBIC = n * mean over all kept draws of L_B(w_t)
+
+The standard error is the Monte-Carlo standard error of the mean sampled loss (ArviZ's `mcse`, which
+accounts for autocorrelation within chains) times nbeta: L_n(w*) is exact, so it adds no error.
+R-hat is ArviZ's rank-normalised split R-hat, ESS its bulk effective sample size, both on the loss
+traces. A chain with a non-finite loss is `diverged`; the LLC mean is then NaN, never an average over
+the surviving chains (per-chain values stay available).
+
+`left_basin` (per chain): over the kept draws, the loss has climbed more than half of the way from
+L_n(w*) to chance level (uniform prediction, or predicting the mean target), or it is still rising
+(last quarter above the third quarter by > 2% of that gap) after climbing more than 20% of it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+LEFT_BASIN_LEVEL = 0.5
+RISING_LEVEL = 0.2
+RISING_DRIFT = 0.02
+
+
+def _arviz():
+    import arviz  # imported lazily: ~1 s, and only estimators that sample need it
+
+    return arviz
+
+
+def chain_left_basin(trace: np.ndarray, init_loss: float, chance_loss: float) -> bool:
+    gap = max(chance_loss - init_loss, 0.1 * abs(chance_loss), 1e-12)
+    quarter = max(len(trace) // 4, 1)
+    last, before = trace[-quarter:].mean(), trace[-2 * quarter:-quarter].mean() if len(trace) >= 2 * quarter else np.nan
+    level = (last - init_loss) / gap
+    drift = (last - before) / gap if np.isfinite(before) else 0.0
+    return bool(level > LEFT_BASIN_LEVEL or (drift > RISING_DRIFT and level > RISING_LEVEL))
+
+
+def summarize(kept: np.ndarray, init_loss: float, nbeta: float, n: int, chance_loss: float) -> dict:
+    """Estimates and diagnostics from kept draws, shape (chains, draws)."""
+    chains, draws = kept.shape
+    finite = np.isfinite(kept).all(axis=1)
+    per_chain = np.where(finite, nbeta * (np.where(np.isfinite(kept), kept, 0).mean(axis=1) - init_loss), np.nan)
+    row = {
+        "llc_mean": float(per_chain.mean()) if finite.all() else math.nan,
+        "llc_std": float(per_chain.std(ddof=1)) if chains > 1 and finite.all() else math.nan,
+        "llc_per_chain": [float(v) for v in per_chain],
+        "init_loss": float(init_loss),
+        "mean_sampled_loss": float(kept.mean()) if finite.all() else math.nan,
+        "wbic": float(n * kept.mean()) if finite.all() else math.nan,
+        "diverged": bool(not finite.all()),
+        "n_diverged": int((~finite).sum()),
+        "chains_left_basin": int(sum(chain_left_basin(kept[c], init_loss, chance_loss)
+                                     for c in range(chains) if finite[c])),
+        "chance_loss": float(chance_loss),
+    }
+    row["left_basin"] = row["chains_left_basin"] > 0
+    if finite.all() and draws >= 4:
+        az = _arviz()
+        with warnings.catch_warnings():  # ArviZ warns about few chains; the values are still defined
+            warnings.simplefilter("ignore")
+            data = az.convert_to_dataset(kept)  # (chain, draw) -> variable "x"
+            row["rhat"] = float(az.rhat(data)["x"].values)
+            row["ess"] = float(az.ess(data)["x"].values)
+            row["llc_sem"] = float(nbeta * az.mcse(data, method="mean")["x"].values)
+    else:
+        row.update(rhat=math.nan, ess=math.nan, llc_sem=math.nan)
+    return row

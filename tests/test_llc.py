@@ -1,0 +1,152 @@
+"""LLC/WBIC estimator: known truths, backend agreement, identities, reproducibility, diagnostics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analyze.calibrate import calibrate, context_for
+from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.estimators.llc import LLCEstimator
+from analyze.llc_stats import chain_left_basin
+from conftest import make_ckpts
+from trainer.checkpoints import checkpoint_name
+from trainer.data import load_dataset
+from trainer.losses import nll_loss
+from trainer.models import build_model
+
+
+def linear_regression_context(d: int, sigma: float = 0.5, samples: int = 2000) -> Context:
+    """Full-rank linear regression with d parameters (d - 1 weights and a bias) at its least-squares
+    solution: a regular model, so its learning coefficient is exactly d / 2."""
+    spec = {"name": "teacher", "split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.1, "task": "regression",
+            "samples": samples, "input_dim": d - 1, "outputs": 1, "noise_sigma": sigma,
+            "teacher_model": {"type": "dlnn", "input_shape": [d - 1], "outputs": 1, "hidden_nodes": 1,
+                              "hidden_layers": 0}}
+    splits = load_dataset(spec)
+    model = build_model(spec["teacher_model"])
+    design = torch.cat([splits.train.x, torch.ones(len(splits.train), 1)], 1).double()
+    solution = torch.linalg.lstsq(design, splits.train.y.double()).solution
+    with torch.no_grad():
+        model.out.weight.copy_(solution[:-1].T)
+        model.out.bias.copy_(solution[-1])
+    info = CheckpointInfo("linreg", "none", 0, 0, None, "-", {})
+    return Context(model=model.eval(), checkpoint=info, device=torch.device("cpu"), splits=splits,
+                   loss_fn=nll_loss("regression", sigma), per_sample_loss=nll_loss("regression", sigma, "none"))
+
+
+@pytest.fixture(scope="module")
+def mlp_context(tmp_path_factory) -> Context:
+    out = make_ckpts(tmp_path_factory.mktemp("llc") / "ck", experiment_type="standard", optimizer="sgd",
+                     num_epochs=5, hidden_nodes=[16], sgd_lr=0.05)
+    return context_for(out / "ffnn-1x16-sgd" / checkpoint_name(5))
+
+
+@pytest.mark.parametrize("d", [10, 30])
+def test_regular_model_llc_is_half_the_dimension(d):
+    """Full-batch gradients, no localization, a small step: the estimate lands on d / 2."""
+    ctx = linear_regression_context(d)
+    row = LLCEstimator(chains=4, draws=3000, burnin=300, lr=1e-4, localization=0.0, batch_size=0).run(ctx)["llc"].iloc[0]
+    assert abs(row.llc_mean - d / 2) < 0.1 * d / 2
+    assert abs(row.llc_mean - d / 2) < 4 * row.llc_sem + 0.03 * d / 2  # and consistent with its own error
+    assert row.rhat < 1.1 and not row.diverged and not row.left_basin and row.wbic_exact
+
+
+def test_fast_and_devinterp_backends_agree(mlp_context):
+    common = dict(chains=4, draws=800, burnin=300, lr=1e-4, localization=100.0, batch_size=128, seed=1)
+    fast = LLCEstimator(backend="fast", **common).run(mlp_context)["llc"].iloc[0]
+    ref = LLCEstimator(backend="devinterp", **common).run(mlp_context)["llc"].iloc[0]
+    assert fast.init_loss == ref.init_loss  # both use the full-data L_n(w*)
+    tolerance = 3 * math.hypot(fast.llc_sem, ref.llc_sem) + 0.05 * abs(ref.llc_mean)
+    assert abs(fast.llc_mean - ref.llc_mean) <= tolerance, (fast.llc_mean, ref.llc_mean, tolerance)
+    assert ref.backend == "devinterp" and fast.backend == "fast"
+
+
+def test_wbic_identity(mlp_context):
+    """WBIC = n L_n(w*) + LLC log n, from the same draws at nbeta = n / log n."""
+    out = LLCEstimator(chains=2, draws=100, burnin=20, nbeta="n/log n").run(mlp_context)["llc"].iloc[0]
+    n = out.n
+    assert out.nbeta == pytest.approx(n / math.log(n))
+    assert out.wbic == pytest.approx(n * out.init_loss + out.llc_mean * math.log(n), rel=1e-10)
+    assert not out.wbic_exact  # localization 100 makes it an approximation, and it says so
+    exact = LLCEstimator(chains=2, draws=20, burnin=5, localization=0.0).run(mlp_context)["llc"].iloc[0]
+    assert exact.wbic_exact
+
+
+def test_reproducible_and_independent_chains(mlp_context):
+    def traces(**kw):
+        est = LLCEstimator(draws=60, burnin=10, **kw)
+        return est.sample(mlp_context, est.settings(len(mlp_context.splits.train)))
+
+    a, b = traces(chains=2, seed=5), traces(chains=2, seed=5)
+    assert np.array_equal(a, b)  # same seed: identical
+    assert not np.allclose(a[0], a[1])  # chains differ from each other
+    c = traces(chains=2, seed=6)
+    assert not np.allclose(a, c)  # another seed: other chains
+    four = traces(chains=4, seed=5)
+    np.testing.assert_allclose(four[:2], a, rtol=1e-5, atol=1e-7)  # chain c does not depend on the chain count
+
+
+def test_diverging_chain_is_flagged_never_averaged(mlp_context):
+    row = LLCEstimator(chains=2, draws=50, burnin=0, lr=1e20, localization=0.0).run(mlp_context)["llc"].iloc[0]
+    assert row.diverged and row.n_diverged >= 1
+    assert math.isnan(row.llc_mean) and math.isnan(row.wbic)
+    assert any(math.isnan(v) for v in row.llc_per_chain)
+
+
+def test_left_basin_is_detected(mlp_context):
+    """A step far too large with no localization walks the chains away to chance-level loss."""
+    row = LLCEstimator(chains=2, draws=300, burnin=0, lr=3e-2, localization=0.0).run(mlp_context)["llc"].iloc[0]
+    assert not row.diverged
+    assert row.left_basin and row.chains_left_basin >= 1
+    assert row.mean_sampled_loss > row.init_loss + 0.5 * (row.chance_loss - row.init_loss)
+
+
+def test_left_basin_rule_on_synthetic_traces():
+    rng = np.random.default_rng(0)
+    flat = 0.1 + 0.01 * rng.standard_normal(400)
+    assert not chain_left_basin(flat, init_loss=0.05, chance_loss=2.3)
+    to_chance = np.linspace(0.05, 2.2, 400)
+    assert chain_left_basin(to_chance, init_loss=0.05, chance_loss=2.3)
+    rising = 0.05 + np.linspace(0, 0.6, 400)  # not yet halfway but still climbing
+    assert chain_left_basin(rising, init_loss=0.05, chance_loss=2.3)
+
+
+def test_chain_table_thinning_and_burnin(mlp_context):
+    tables = LLCEstimator(chains=3, draws=40, burnin=10, thin=5).run(mlp_context)
+    chains = tables["llc_chains"]
+    assert sorted(chains.chain.unique()) == [0, 1, 2]
+    assert chains.groupby("chain").size().tolist() == [10, 10, 10]  # 50 steps, every 5th
+    assert chains.burnin.sum() == 3 * 2 and chains.draw.min() == -10
+    row = tables["llc"].iloc[0]
+    assert len(row.llc_per_chain) == 3 and row.n_draws == 40 and row.n_burnin == 10
+
+
+@pytest.mark.parametrize("options, flag", [
+    (dict(nbeta="lots"), "--llc-nbeta"),
+    (dict(nbeta="-3"), "--llc-nbeta"),
+    (dict(sampler="rmsprop-sgld"), "--llc-sampler"),
+    (dict(backend="jax"), "--llc-backend"),
+    (dict(chains="two"), "--llc-chains"),
+    (dict(colour=1), "--llc-colour"),
+])
+def test_bad_options_name_the_flag(options, flag):
+    with pytest.raises(EstimatorError, match=flag):
+        LLCEstimator(**options)
+
+
+def test_calibration_recommends_the_largest_healthy_agreeing_step():
+    ctx = linear_regression_context(10)
+    table = calibrate(ctx, lrs=[3e-5, 1e-4, 1e-2], localizations=[0.0], nbetas=["n/log n"],
+                      common=dict(chains=4, draws=1500, burnin=300, batch_size=0), progress=False)
+    assert len(table) == 3 and table.recommended.sum() == 1
+    rec = table[table.recommended].iloc[0]
+    assert rec.healthy and rec.agrees_with_third_step
+    bigger = table[(table.lr > rec.lr) & table.healthy & table.agrees_with_third_step]
+    assert bigger.empty
+    assert table.set_index("lr").loc[1e-2, "diverged"] or not table.set_index("lr").loc[1e-2, "healthy"]
+    assert abs(rec.llc_mean - 5) < 0.5

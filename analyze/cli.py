@@ -1,7 +1,327 @@
-"""`analyze`: run estimators over checkpoints (not yet available)."""
+"""`analyze CKPT_DIR`: run estimators over every checkpoint, resumably, on dask; see `analyze --help`.
+
+Arguments are parsed in two passes: the first finds --estimators and --config, the second adds the
+option flags (--<estimator>-<option>) of exactly the estimators selected, custom ones included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from analyze.estimators import DEFAULT, ENTRY_POINT_GROUP, parse_list, registered, resolve
+
+PROG = "analyze"
+DESCRIPTION = """\
+Run estimators over the checkpoints of the runs in CKPT_DIR (folders with run.json, as train-ckpts
+writes them) and write one Parquet table per kind of result: OUT/<table>/part-<task>.parquet, plus
+OUT/runs/runs.parquet and OUT/training/epochs.parquet. A task is one (checkpoint, estimator, options);
+finished tasks are skipped on a rerun, so an interrupted analysis resumes where it stopped and new
+checkpoints or estimators compute only what is missing. In pandas: analyze.load("OUT")."""
+EPILOG = f"""\
+epochs (--epochs SPEC): comma-separated items, each one of
+  N          epoch N (0 = initial weights)         A-B     epochs A to B
+  A-B:S      every S-th epoch from A to B          A-      epoch A to the last
+  last       each run's last epoch                 all     every epoch (the default)
+  e.g. --epochs 0,5,10-20   --epochs 10-20:2   --epochs 0,last
+  Mid-epoch (step) checkpoints belong to the epoch they were taken in.
+
+config file (--config FILE, JSON or TOML): estimators and their options, and any option above
+  {{"estimators": ["evaluate", "weights"], "evaluate": {{"batch_size": 1024}}, "workers": 4}}
+  Command-line flags override the file.
+
+custom estimators: --estimators package.module:ClassName, or an entry point in the group
+  {ENTRY_POINT_GROUP}; see docs/estimators.md. With --scheduler, the module must be importable on
+  every worker, and CKPT_DIR and OUT must be paths every worker reads and writes.
+
+LLC calibration: analyze calibrate CKPT_FILE [--lr 1e-5,3e-5,1e-4 --localization 10,100 ...]
+  sweeps SGLD settings on one checkpoint and recommends --llc-* options (analyze calibrate --help).
+
+exit status: 0 all tasks done, 1 some task failed (rows in OUT/errors), 2 bad usage, 130 interrupted."""
+BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "device", "data_root")
 
 
-def main(argv=None) -> int:
-    print("analyze: not yet available", file=sys.stderr)
-    return 2
+class UsageError(Exception):
+    """Bad command line or config file: `analyze: error: <message>` and exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def base_parser() -> Parser:
+    p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="folder of run folders (or one run folder)")
+    p.add_argument("--estimators", metavar="LIST",
+                   help=f"comma-separated estimator names or package.module:Class, or 'all' (default: {','.join(DEFAULT)})")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of estimators and options (flags override it)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: CKPT_DIR/analysis)")
+    p.add_argument("--runs", metavar="GLOB", help="only runs whose name matches one of these comma-separated globs")
+    p.add_argument("--epochs", metavar="SPEC", help="only these epochs, e.g. 0,5,10-20 or 10-20:2 or last (see below)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on an existing dask.distributed cluster, e.g. tcp://host:8786 (default: a local cluster)")
+    p.add_argument("--workers", metavar="N", type=int, default=default_workers(),
+                   help="local worker processes, one torch thread each (default: the cores available, "
+                        "%(default)s here); 0 runs the tasks in this process without dask, for debugging")
+    p.add_argument("--force", action="store_true", help="recompute tasks that are already complete")
+    p.add_argument("--device", default="cpu", help="torch device the workers use (default: cpu)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="dataset folder, overriding the one stored in the checkpoints (data on another machine)")
+    return p
+
+
+def flag(estimator: str, option: str) -> str:
+    return f"--{estimator}-{option.replace('_', '-')}"
+
+
+def add_estimator_options(parser: Parser, cls) -> None:
+    doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+    summary = doc.splitlines()[0].removeprefix(f"`{cls.name}`: ") if doc else None
+    group = parser.add_argument_group(f"estimator {cls.name}", summary)
+    for o in cls.options:
+        extra = {"nargs": "?", "const": "true"} if o.type is bool else {}
+        choices = f"; one of {', '.join(map(str, o.choices))}" if o.choices else ""
+        group.add_argument(flag(cls.name, o.name), dest=f"opt:{cls.name}:{o.name}", default=argparse.SUPPRESS,
+                           metavar=o.type.__name__.upper(), help=f"{o.help} (default: {o.default}{choices})", **extra)
+
+
+def help_text(selected: list[type]) -> str:
+    parser = base_parser()
+    shown = set()
+    for name, ref in sorted(registered().items()):
+        try:
+            _, cls = resolve(name)
+        except Exception as e:  # a broken plug-in must not hide the others
+            parser.add_argument_group(f"estimator {name}", f"({ref} cannot be imported: {e})")
+            continue
+        add_estimator_options(parser, cls)
+        shown.add(cls)
+    for cls in selected:
+        if cls not in shown:
+            add_estimator_options(parser, cls)
+    return parser.format_help()
+
+
+def read_config(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror or e})") from None
+    try:
+        config = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({e})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: expected an object of estimators and options")
+    return {k.replace("-", "_"): v for k, v in config.items()}
+
+
+@dataclass
+class Settings:
+    ckpt_dir: Path
+    out: Path
+    estimators: list[tuple[str, Any]]  # (module:Class, configured instance)
+    runs: str | None
+    epochs: Any  # catalog.EpochSpec
+    scheduler: str | None
+    workers: int
+    force: bool
+    device: str
+    data_root: str | None
+
+
+def select_estimators(text) -> list[tuple[str, type]]:
+    from analyze.estimators.base import EstimatorError
+
+    chosen: dict[str, tuple[str, type]] = {}
+    for item in parse_list(text):
+        try:
+            ref, cls = resolve(item)
+        except EstimatorError as e:
+            raise UsageError(f"--estimators: {e}") from None
+        if cls.name in chosen and chosen[cls.name][1] is not cls:
+            raise UsageError(f"--estimators: {chosen[cls.name][0]} and {ref} are both named {cls.name!r}")
+        chosen[cls.name] = (ref, cls)
+    if not chosen:
+        raise UsageError("--estimators: no estimator given")
+    return list(chosen.values())
+
+
+def parse_args(argv: list[str]) -> Settings | str:
+    """Settings for a run, or the help text. Raises UsageError."""
+    from analyze.catalog import EpochSpec, EpochSpecError
+    from analyze.estimators.base import EstimatorError
+
+    first = Parser(prog=PROG, add_help=False, allow_abbrev=False)
+    first.add_argument("--estimators")
+    first.add_argument("--config")
+    first.add_argument("-h", "--help", action="store_true")
+    pre, _ = first.parse_known_args(argv)
+    config = read_config(pre.config) if pre.config else {}
+    selection = pre.estimators or config.get("estimators") or ",".join(DEFAULT)
+    if pre.help:
+        try:
+            selected = [cls for _, cls in select_estimators(selection)]
+        except UsageError:
+            selected = []
+        return help_text(selected)
+    estimators = select_estimators(selection)
+    names = {cls.name for _, cls in estimators}
+    unknown = sorted(set(config) - set(BASE_CONFIG_KEYS) - {"estimators"} - names - set(registered()))
+    if unknown:
+        raise UsageError(f"--config {pre.config}: unknown key(s) {', '.join(unknown)} (not an estimator or option)")
+
+    parser = base_parser()
+    for _, cls in estimators:
+        add_estimator_options(parser, cls)
+    parser.set_defaults(**{k: config[k] for k in BASE_CONFIG_KEYS if k in config})
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise UsageError(unrecognized(extra, names))
+
+    instances = []
+    for ref, cls in estimators:
+        section = config.get(cls.name, {})
+        if not isinstance(section, dict):
+            raise UsageError(f"--config {pre.config}: {cls.name!r} must be an object of options")
+        values = {k.replace("-", "_"): v for k, v in section.items()}
+        values.update({dest.split(":")[2]: v for dest, v in vars(args).items() if dest.startswith(f"opt:{cls.name}:")})
+        try:
+            instances.append((ref, cls(**values)))
+        except EstimatorError as e:
+            raise UsageError(str(e)) from None
+
+    ckpt_dir = Path(args.ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UsageError(f"CKPT_DIR {ckpt_dir}: no such directory")
+    if not isinstance(args.workers, int) or isinstance(args.workers, bool) or args.workers < 0:
+        raise UsageError(f"--workers: {args.workers!r} is not a number of workers (0 or more)")
+    check_device(str(args.device), local=not args.scheduler)
+    try:
+        epochs = EpochSpec.parse(None if args.epochs is None else str(args.epochs))
+    except EpochSpecError as e:
+        raise UsageError(str(e)) from None
+    return Settings(ckpt_dir=ckpt_dir, out=Path(args.out) if args.out else ckpt_dir / "analysis", estimators=instances,
+                    runs=args.runs, epochs=epochs, scheduler=args.scheduler, workers=args.workers,
+                    force=bool(args.force), device=str(args.device), data_root=args.data_root)
+
+
+def unrecognized(extra: list[str], selected: set[str]) -> str:
+    """Name the first unknown flag; say so when it belongs to an estimator that is not selected."""
+    flag_ = next((a for a in extra if a.startswith("-")), extra[0]).split("=")[0]
+    for name in registered():
+        if flag_.startswith(f"--{name}-") and name not in selected:
+            return f"{flag_}: estimator {name!r} is not selected (--estimators {','.join(sorted(selected))})"
+    return f"unrecognized argument {flag_}" if flag_.startswith("-") else f"unexpected argument {flag_!r}"
+
+
+def check_device(device: str, local: bool) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    # With --scheduler the workers may have a GPU the client lacks, so only a local run checks.
+    if local and dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calibrate"]:
+        from analyze.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
+    try:
+        settings = parse_args(argv)
+        if isinstance(settings, str):
+            print(settings, end="")
+            return 0
+        return run(settings)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; finished tasks are kept: run the same command again to do the rest",
+              file=sys.stderr)
+        return 130
+
+
+def run(s: Settings) -> int:
+    from analyze.catalog import build_catalog, runs_frame, training_log
+    from analyze.runner import execute, plan_tasks, summarize
+    from analyze.store import Store
+
+    catalog = build_catalog(s.ckpt_dir, runs=s.runs, epochs=s.epochs)
+    for warning in catalog.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if not catalog.runs:
+        raise UsageError(f"CKPT_DIR {s.ckpt_dir}: no runs found (folders with a valid run.json)")
+    if not catalog.selected:
+        raise UsageError(f"--runs {s.runs!r}: matches none of the runs in {s.ckpt_dir} "
+                         f"({', '.join(r.name for r in catalog.runs)})")
+    if not catalog.checkpoints:
+        raise UsageError(f"--epochs {s.epochs.text!r}: selects no checkpoint" if s.epochs.text != "all"
+                         else f"CKPT_DIR {s.ckpt_dir}: the selected runs have no checkpoint files")
+
+    store = Store(s.out)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.remove_stale_temp_files()
+    store.write_run_tables(runs_frame(catalog.runs), training_log(catalog.runs))
+    plan = plan_tasks(catalog, s.estimators, store, force=s.force, device=s.device, data_root=s.data_root)
+    superseded = store.remove_superseded({(str(t.checkpoint.path), t.estimator, t.config_hash): t.key
+                                          for t in plan.todo + plan.done})
+    if superseded:
+        print(f"{PROG}: dropped the output of {superseded} earlier task(s) on checkpoint files rewritten since",
+              file=sys.stderr)
+    print(f"{PROG}: {len(catalog.checkpoints)} checkpoint(s) of {len(catalog.selected)} run(s) x "
+          f"{len(s.estimators)} estimator(s): {len(plan.todo)} task(s) to compute, {len(plan.done)} already complete",
+          file=sys.stderr)
+    try:
+        statuses = execute(plan.todo, scheduler=s.scheduler, workers=s.workers)
+    except OSError as e:  # includes the connection errors of a scheduler that is not there
+        if s.scheduler:
+            raise UsageError(f"--scheduler {s.scheduler}: cannot connect ({e})") from None
+        raise
+    print_summary(summarize(catalog, plan, statuses), store)
+    failures = [st for st in statuses if not st["ok"]]
+    if failures:
+        for st in failures[:5]:
+            print(f"  {st['run']} epoch {st['epoch']} step {st['step']} {st['estimator']}: "
+                  f"{st['error']}: {st['message'].splitlines()[0] if st['message'] else ''}", file=sys.stderr)
+        if len(failures) > 5:
+            print(f"  ... and {len(failures) - 5} more", file=sys.stderr)
+        print(f"{PROG}: {len(failures)} task(s) failed; see {store.root / 'errors'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(rows: list[dict], store) -> None:
+    width = max([len("run")] + [len(r["run"]) for r in rows])
+    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed")
+    for r in rows:
+        done = f"{r['analysed']}/{r['checkpoints']}"
+        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}")
+    tables = [t for t in store.tables()]
+    print(f"tables in {store.root.resolve()}: {', '.join(tables)}")
+    print(f'pandas: analyze.load("{store.root.resolve()}")')
+
+
+if __name__ == "__main__":
+    sys.exit(main())

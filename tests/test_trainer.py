@@ -311,3 +311,14 @@ def test_cli_entry_point_runs(tmp_path):
     exe = Path(sys.executable).with_name("train-ckpts")
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--cut-off-epochs" in result.stdout and "--ngd-lr" in result.stdout
+
+
+def test_diverging_ngd_run_stops_cleanly(tmp_path):
+    """Exploding gradients must reach the trainer's non-finite-loss stop, not crash NGD's eigensolver."""
+    statuses = experiment.run_experiment(TrainConfig(
+        dataset="teacher", teacher_task="regression", model_type="dlnn", hidden_nodes=[8], hidden_layers=[1],
+        experiment_type="standard", optimizer="ngd", num_epochs=3, ngd_lr=0.05, out=str(tmp_path / "ck"),
+        quiet=True), log=lambda *a: None)
+    assert statuses == {"dlnn-1x8-ngd": "diverged"}
+    for _, _, path in list_checkpoints(tmp_path / "ck" / "dlnn-1x8-ngd"):
+        load_model(path)

@@ -18,7 +18,7 @@ from analyze.llc_stats import summarize
 from analyze.sgld import SGLDSettings, sample_losses
 
 # Defaults chosen with `analyze calibrate` on the demo's checkpoints (README, "Calibrating the LLC").
-DEFAULTS = dict(chains=4, draws=400, burnin=100, lr=1e-4, localization=100.0, batch_size=128)
+DEFAULTS = dict(chains=4, draws=400, burnin=300, lr=3e-4, localization=100.0, batch_size=128)
 
 
 def parse_nbeta(text: str, n: int) -> float:

@@ -106,6 +106,12 @@ def _truncate_lowrank(
     ``trace`` is tr F, known in closed form, so rho needs only the kept eigenvalues.
     """
     d, K = M.shape
+    # Decompose M / s, s = max |M|: eigenvectors do not change and squares cannot overflow float32
+    # (a diverging run reaches |g| ~ 1e22 before its loss turns non-finite and the trainer stops it).
+    peak = M.abs().max().double()
+    s2 = peak.square() if peak > 0 else torch.ones((), dtype=torch.float64)  # all-zero M: nothing to scale
+    M = M / s2.sqrt().to(M.dtype)
+    c0 = c0 / s2
     if K < d:
         # F's spectrum is c0 plus that of M M^T, whose nonzero part is that of
         # the small K x K Gram matrix M^T M: no d x d decomposition needed.
@@ -127,6 +133,7 @@ def _truncate_lowrank(
         F.diagonal().add_(c0)
         evals, evecs = torch.linalg.eigh(F)
         lam, U = evals.flip(0)[:R], evecs.flip(1)[:, :R]
+    lam = lam.double() * s2
     rho = (trace - lam.sum()) / (d - R)
     floor = torch.clamp_min(delta * lam[0], epsilon)
     lam = torch.maximum(lam, floor)
@@ -275,6 +282,13 @@ class NGD(torch.optim.Optimizer):
         # rounding (~1e-7 of the largest eigenvalue) sits far below the delta floor (5e-4 of it).
         # Only the trace, which sets rho, is accumulated in float64.
         work = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+        if not torch.isfinite(g).all():
+            # A non-finite gradient carries no curvature information: keep the previous estimate (or
+            # start from the identity) and let the non-finite loss stop the run where it is checked.
+            if init:
+                state[f"U_{a}"] = g.new_zeros(d, R)
+                state[f"lam_{a}"], state[f"rho_{a}"] = g.new_ones(R), g.new_ones(())
+            return
         X = g.movedim(a, -1).reshape(-1, d).to(work)
         N = X.shape[0]
         sq = X.to(torch.float64).square().sum()

@@ -1,0 +1,159 @@
+"""The output folder: one Parquet part per (task, table), a completion marker per task, error parts.
+
+    OUT/<table>/part-<key>.parquet   rows of one task, written atomically
+    OUT/_tasks/<key>.json            completion marker, written LAST: a task is complete iff it exists
+    OUT/errors/part-<key>.parquet    one row for a task that failed (removed when it later succeeds)
+
+`pandas.read_parquet("OUT/<table>")` reads a table (pyarrow skips the `.tmp-*` files a killed write
+can leave). Task keys hash the checkpoint's content, the estimator's name and its config, so a
+changed checkpoint or option is a new task and an unchanged one is never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainer.atomic import TMP_PREFIX, atomic_write_json, atomic_write_parquet
+
+KEY_COLUMNS = ("run", "optimizer", "epoch", "step", "ckpt_hash", "config_hash")
+KEY_DTYPES = {"run": str, "optimizer": str, "epoch": "int64", "step": "int64", "ckpt_hash": str, "config_hash": str}
+ERROR_DTYPES = {"estimator": str, "error": str, "message": str, "path": str, "traceback": str}
+TASKS_DIR, ERRORS_TABLE = "_tasks", "errors"
+
+
+def file_hash(path: str | Path) -> str:
+    """blake2b (128-bit) of a file's bytes: the checkpoint's identity in task keys."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.blake2b(config_json(config).encode(), digest_size=8).hexdigest()
+
+
+def task_key(ckpt_hash: str, estimator: str, config: dict[str, Any]) -> str:
+    text = "\n".join((ckpt_hash, estimator, config_json(config)))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def with_keys(frame: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:
+    """Prefix an estimator's rows with the key columns, typed the same in every part."""
+    frame = frame.reset_index(drop=True)
+    key_frame = pd.DataFrame({c: pd.Series([keys[c]] * len(frame), dtype=KEY_DTYPES[c]) for c in KEY_COLUMNS})
+    return pd.concat([key_frame, frame], axis=1)
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def part_path(self, table: str, key: str) -> Path:
+        return self.root / table / f"part-{key}.parquet"
+
+    def marker_path(self, key: str) -> Path:
+        return self.root / TASKS_DIR / f"{key}.json"
+
+    # ------------------------------------------------------------ completion
+    def completed(self) -> set[str]:
+        """Keys of the complete tasks (one directory listing, not one stat per task)."""
+        try:
+            names = os.listdir(self.root / TASKS_DIR)
+        except FileNotFoundError:
+            return set()
+        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+
+    def reopen(self, key: str) -> None:
+        """Mark a task incomplete before recomputing it (--force), so a kill mid-way cannot look complete."""
+        self.marker_path(key).unlink(missing_ok=True)
+
+    def write_parts(self, key: str, keys: dict[str, Any], frames: dict[str, pd.DataFrame]) -> dict[str, int]:
+        """Write each non-empty table's rows; remove this task's parts of tables it no longer fills."""
+        written = {}
+        for table, frame in frames.items():
+            if len(frame):  # an empty frame carries no types worth a part, and could be all-null
+                atomic_write_parquet(self.part_path(table, key), with_keys(frame, keys))
+                written[table] = len(frame)
+        for table in self.tables():  # one stat per table, not a listing of every part
+            if table not in written and table != ERRORS_TABLE:
+                self.part_path(table, key).unlink(missing_ok=True)
+        return written
+
+    def finish(self, key: str, record: dict[str, Any]) -> None:
+        """Write the completion marker (last), then drop an error left by an earlier failed attempt."""
+        atomic_write_json(self.marker_path(key), record)
+        self.part_path(ERRORS_TABLE, key).unlink(missing_ok=True)
+
+    def write_error(self, key: str, keys: dict[str, Any], **fields: str) -> None:
+        row = pd.DataFrame([{name: str(fields.get(name, "")) for name in ERROR_DTYPES}]).astype(ERROR_DTYPES)
+        atomic_write_parquet(self.part_path(ERRORS_TABLE, key), with_keys(row, keys))
+
+    def write_run_tables(self, runs: pd.DataFrame, training: pd.DataFrame | None) -> None:
+        """runs/runs.parquet and training/epochs.parquet, so the output folder stands on its own."""
+        atomic_write_parquet(self.root / "runs" / "runs.parquet", runs)
+        if training is not None:
+            atomic_write_parquet(self.root / "training" / "epochs.parquet", training)
+
+    # ------------------------------------------------------------ housekeeping
+    def remove_superseded(self, current: dict[tuple[str, str, str], str]) -> int:
+        """Remove results and errors of tasks whose checkpoint file has since been rewritten.
+
+        `current` maps (checkpoint path, estimator, config_hash) to the task key of the file's present
+        content; a task recorded for the same file and estimator config under another key describes
+        weights that no longer exist (say, after train-ckpts --overwrite). Returns the tasks removed.
+        """
+        live = set(current.values())
+        removed = 0
+        for key in sorted(self.completed() - live):  # markers are read only when some are not current
+            try:
+                m = json.loads(self.marker_path(key).read_text())
+                newer = current.get((str(m["checkpoint"]), str(m["estimator"]), str(m["config_hash"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if newer is not None and newer != key:
+                self.marker_path(key).unlink(missing_ok=True)  # first: incomplete before its parts go
+                for table in self.tables():
+                    self.part_path(table, key).unlink(missing_ok=True)
+                removed += 1
+        for part in sorted((self.root / ERRORS_TABLE).glob("part-*.parquet")):
+            if part.stem[len("part-"):] in live:
+                continue
+            try:
+                row = pd.read_parquet(part, columns=["path", "estimator", "config_hash"]).iloc[0]
+            except Exception:  # unreadable or foreign file: leave it alone
+                continue
+            if (str(row["path"]), str(row["estimator"]), str(row["config_hash"])) in current:
+                part.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
+        """Delete temporary files that killed writers left (old enough not to be another run's write)."""
+        removed, cutoff = 0, time.time() - older_than
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def tables(self) -> list[str]:
+        """Table folders present (everything but `_tasks` and hidden folders)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))

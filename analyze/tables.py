@@ -1,0 +1,108 @@
+"""Reading an analysis folder into pandas: one DataFrame per table, plus the joined `epochs` frame."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from analyze.store import ERRORS_TABLE, Store
+
+RUN_EPOCH = ["run", "epoch", "step"]
+# Per-checkpoint scalars the `epochs` frame picks up from tables that hold one row per checkpoint:
+# table -> {column: column in `epochs`}. A new estimator's scalars are one line here.
+EPOCH_SCALARS = {
+    "llc": {"llc_mean": "llc_mean", "llc_sem": "llc_sem", "wbic": "wbic"},
+    "hessian": {"trace": "hessian_trace", "trace_exact": "hessian_trace_exact"},
+    "fim": {"trace_diag": "fim_trace_diag"},
+}
+
+
+def read_table(folder: Path, completed: set[str] | None = None) -> pd.DataFrame | None:
+    """All parts of a table folder; with `completed`, only parts of complete tasks (a killed run can
+    leave a part whose marker was never written; the next run rewrites it)."""
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if completed is not None:
+        files = [p for p in files if not p.name.startswith("part-") or p.stem[len("part-"):] in completed]
+    if not files:
+        return None
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table([str(p) for p in files]).to_pandas()
+    if set(RUN_EPOCH) <= set(frame.columns):  # parts come in hash order; rows within a part keep theirs
+        frame = frame.sort_values(RUN_EPOCH, kind="stable", ignore_index=True)
+    return frame
+
+
+def load(path: str | Path) -> dict[str, pd.DataFrame]:
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such analysis folder (made by `analyze CKPT_DIR --out {root}`)")
+    store = Store(root)
+    completed = store.completed()
+    tables = {}
+    for name in store.tables():
+        frame = read_table(root / name, None if name == ERRORS_TABLE else completed)
+        if frame is not None:
+            tables[name] = frame
+    tables["epochs"] = epochs_frame(tables)
+    return tables
+
+
+def one_config(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Rows of one estimator config: the most common, if a table holds several (say two batch sizes)."""
+    counts = frame["config_hash"].value_counts()
+    if len(counts) > 1:
+        warnings.warn(f"table {table!r} holds {len(counts)} estimator configs; the epochs frame uses config_hash "
+                      f"{counts.index[0]} (the most common); filter tables[{table!r}] by config_hash for the others",
+                      stacklevel=3)
+        frame = frame[frame["config_hash"] == counts.index[0]]
+    return frame
+
+
+def epoch_estimates(tables: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
+    """Per-checkpoint scalars, one row per (run, epoch, step), one column per scalar."""
+    wide = []
+    evaluate = tables.get("evaluate")
+    if evaluate is not None and len(evaluate):
+        ev = one_config(evaluate, "evaluate").drop_duplicates(RUN_EPOCH + ["split"], keep="last")
+        ev = ev.set_index(RUN_EPOCH + ["split"])[["loss", "accuracy"]].unstack("split")
+        order = {s: i for i, s in enumerate(("train", "val", "test"))}
+        ev = ev[sorted(ev.columns, key=lambda c: (order.get(c[1], len(order)), c[1], c[0] != "loss"))]
+        ev.columns = [f"eval_{split}_{'acc' if value == 'accuracy' else 'loss'}" for value, split in ev.columns]
+        wide.append(ev)
+    for table, columns in EPOCH_SCALARS.items():
+        frame = tables.get(table)
+        present = {c: new for c, new in columns.items() if frame is not None and c in frame}
+        if present:
+            frame = one_config(frame, table).drop_duplicates(RUN_EPOCH, keep="last")
+            wide.append(frame.set_index(RUN_EPOCH)[list(present)].rename(columns=present))
+    if not wide:
+        return None
+    return pd.concat(wide, axis=1).reset_index()
+
+
+def epochs_frame(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Training logs joined with the estimates of epoch-end checkpoints (one row per run and epoch).
+
+    An epoch-end checkpoint's global step is the step its epoch's log row records, so joining on
+    (run, epoch, step) leaves mid-epoch checkpoints out.
+    """
+    training, estimates = tables.get("training"), epoch_estimates(tables)
+    if training is None and estimates is None:
+        return pd.DataFrame(columns=RUN_EPOCH)
+    if estimates is None:
+        frame = training.copy()
+    else:
+        frame = training.merge(estimates, on=RUN_EPOCH, how="left") if training is not None else estimates.iloc[:0]
+        unlogged = estimates[~estimates["run"].isin(frame["run"])]  # runs without a training log
+        if len(unlogged):
+            last = unlogged.groupby(["run", "epoch"])["step"].transform("max") == unlogged["step"]
+            frame = pd.concat([frame, unlogged[last]], ignore_index=True)
+    runs = tables.get("runs")
+    if runs is not None:
+        frame = frame.merge(runs[["run", "family", "role", "optimizer"]], on="run", how="left")
+        frame = frame[["run", "family", "role", "optimizer"] + [c for c in frame if c not in
+                                                               ("run", "family", "role", "optimizer")]]
+    return frame.sort_values(["run", "epoch", "step"], ignore_index=True)

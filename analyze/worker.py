@@ -1,0 +1,144 @@
+"""One task on a worker: rebuild model and data from the checkpoint, run the estimator, write its parts.
+
+Everything here is a plain module-level function of small picklable arguments (paths, the estimator
+as a "module:Class" string and its options), so dask ships tasks, not objects, and the client only
+receives a small status dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from analyze.estimators.base import CheckpointInfo
+
+
+@dataclass
+class Task:
+    key: str
+    estimator: str  # name (the errors table's `estimator`)
+    ref: str  # "module:Class", imported on the worker
+    options: dict[str, Any]
+    config_hash: str
+    checkpoint: CheckpointInfo
+    out: str  # the output folder (shared storage when workers run elsewhere)
+    device: str = "cpu"
+    data_root: str | None = None
+
+    def keys(self) -> dict[str, Any]:
+        c = self.checkpoint
+        return {"run": c.run, "optimizer": c.optimizer, "epoch": c.epoch, "step": c.step, "ckpt_hash": c.hash,
+                "config_hash": self.config_hash}
+
+
+@functools.lru_cache(maxsize=2)
+def cached_splits(spec_json: str, data_root: str | None, device: str):
+    """The dataset a spec describes, loaded once per worker process (and per device)."""
+    import torch
+
+    from trainer.data import Split, load_dataset
+
+    splits = load_dataset(json.loads(spec_json), root=data_root)
+    if torch.device(device).type != "cpu":
+        for name in ("train", "val", "test"):
+            s = getattr(splits, name)
+            setattr(splits, name, Split(s.x.to(device), s.y.to(device)))
+    return splits
+
+
+class TaskError(RuntimeError):
+    pass
+
+
+def compute(task: Task) -> dict:
+    """Run the task's estimator on its checkpoint; returns {table: DataFrame} (validated)."""
+    import pandas as pd
+    import torch
+
+    from analyze.estimators import load_class
+    from analyze.estimators.base import Context
+    from analyze.store import KEY_COLUMNS, config_hash, file_hash
+    from trainer.checkpoints import load_model
+    from trainer.losses import nll_loss
+
+    cls = load_class(task.ref)
+    estimator = cls(**task.options)
+    if config_hash(estimator.config()) != task.config_hash:
+        raise TaskError(f"estimator {task.estimator!r} has a different config on this worker than on the client "
+                        "(different code versions?)")
+    path = task.checkpoint.path
+    if file_hash(path) != task.checkpoint.hash:
+        raise TaskError(f"{path}: changed since analyze started; run analyze again")
+    model, ckpt = load_model(path, task.device)
+    ctx = Context(model=model, checkpoint=CheckpointInfo(**{**vars(task.checkpoint), "meta": ckpt.meta}),
+                  device=torch.device(task.device))
+    if cls.needs_data:
+        ctx.splits = cached_splits(json.dumps(ckpt.meta["dataset_spec"], sort_keys=True), task.data_root, task.device)
+        ctx.loss_fn = nll_loss(ctx.splits.task, ctx.splits.noise_sigma)
+        ctx.per_sample_loss = nll_loss(ctx.splits.task, ctx.splits.noise_sigma, reduction="none")
+    result = estimator.run(ctx)
+    if not isinstance(result, dict):
+        raise TaskError(f"estimator {task.estimator!r} returned {type(result).__name__}, not a dict of DataFrames")
+    for table, frame in result.items():
+        if table not in cls.tables:
+            raise TaskError(f"estimator {task.estimator!r} returned table {table!r} not declared in its `tables`")
+        if not isinstance(frame, pd.DataFrame):
+            raise TaskError(f"estimator {task.estimator!r}: table {table!r} is a {type(frame).__name__}, not a DataFrame")
+        reserved = sorted(set(frame.columns) & set(KEY_COLUMNS))
+        if reserved:
+            raise TaskError(f"estimator {task.estimator!r}: table {table!r} has key column(s) {', '.join(reserved)}; "
+                            "the runner adds those")
+    return result
+
+
+def run_task(task: Task) -> dict[str, Any]:
+    """Compute one task and write its parts, then its marker; never raises for the estimator's errors."""
+    import torch
+
+    from analyze.store import Store
+
+    torch.set_num_threads(1)  # one torch thread per worker process; parallelism comes from dask
+    store = Store(task.out)
+    store.reopen(task.key)
+    start = time.perf_counter()
+    status = {"key": task.key, "run": task.checkpoint.run, "epoch": task.checkpoint.epoch,
+              "step": task.checkpoint.step, "estimator": task.estimator, "ok": False}
+    try:
+        rows = store.write_parts(task.key, task.keys(), compute(task))
+    except Exception as e:
+        store.write_parts(task.key, task.keys(), {})  # drop parts a half-finished attempt may have written
+        record_error(store, task, e, traceback.format_exc())
+        return {**status, "error": type(e).__name__, "message": error_message(e)}
+    seconds = time.perf_counter() - start
+    c = task.checkpoint
+    store.finish(task.key, {
+        "key": task.key, "run": c.run, "optimizer": c.optimizer, "epoch": c.epoch, "step": c.step,
+        "checkpoint": str(c.path), "ckpt_hash": c.hash, "estimator": task.estimator, "ref": task.ref,
+        "options": task.options, "config_hash": task.config_hash, "tables": rows, "seconds": seconds,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
+        "worker": dask_worker_address()})
+    return {**status, "ok": True, "rows": rows, "seconds": seconds}
+
+
+def dask_worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # not running inside a dask worker (--workers 0)
+        return None
+
+
+def error_message(e: BaseException) -> str:
+    return str(e) or repr(e)
+
+
+def record_error(store, task: Task, e: BaseException, trace: str = "") -> None:
+    store.write_error(task.key, task.keys(), estimator=task.estimator, error=type(e).__name__,
+                      message=error_message(e), path=str(task.checkpoint.path), traceback=trace[-4000:])

@@ -15,6 +15,8 @@ BUILTIN: dict[str, str] = {
     "weights": "analyze.estimators.weights:Weights",
     "llc": "analyze.estimators.llc:LLCEstimator",
     "hsic": "analyze.estimators.hsic:HSICEstimator",
+    "hessian": "analyze.estimators.hessian:HessianEstimator",
+    "fim": "analyze.estimators.fim:FIMEstimator",
 }
 DEFAULT = ("evaluate", "weights")  # what `analyze` runs without --estimators (the cheap ones)
 ENTRY_POINT_GROUP = "ckpt_dynamics.estimators"

@@ -1,0 +1,309 @@
+"""Tests of analyze.estimators.hessian against the dense Hessian from torch.func.hessian."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analyze.estimators import hessian as H
+from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.estimators.hessian import HessianEstimator, training_subset
+from conftest import make_ckpts
+from trainer.checkpoints import load_model
+from trainer.data import Split, Splits, load_dataset
+from trainer.losses import nll_loss
+from trainer.models import build_model
+
+SAMPLES = 600  # fewer than the default 1280 to keep the float64 reference Hessian quick
+DIGITS = {"name": "digits", "split_seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
+
+
+def make_ctx(model, splits, meta=None) -> Context:
+    return Context(model=model.eval(), checkpoint=CheckpointInfo("run", "sgd", 0, 0, Path("ckpt"), "hash", meta or {}),
+                   device=torch.device("cpu"), splits=splits,
+                   loss_fn=nll_loss(splits.task, splits.noise_sigma),
+                   per_sample_loss=nll_loss(splits.task, splits.noise_sigma, reduction="none"))
+
+
+def reference_hessian(ctx: Context, samples: int, seed: int = 0) -> torch.Tensor:
+    """Dense float64 Hessian of the mean loss on the estimator's samples, by torch.func.hessian."""
+    x, y = training_subset(ctx, samples, seed)
+    model = copy.deepcopy(ctx.model).double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x = x.double()
+    y = y.double() if y.is_floating_point() else y
+
+    def loss(flat):
+        params, i = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[i:i + math.prod(shape)].reshape(shape)
+            i += math.prod(shape)
+        return ctx.loss_fn(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.func.hessian(loss)(theta)
+
+
+@pytest.fixture(scope="module")
+def digits_ctx(tmp_path_factory) -> Context:
+    """A 64 -> 24 -> 10 ReLU MLP (1810 parameters) trained 5 epochs on digits by the real trainer."""
+    out = make_ckpts(tmp_path_factory.mktemp("hess") / "ckpts", hidden_nodes=[24], hidden_layers=[1],
+                     experiment_type="standard", optimizer="sgd", num_epochs=5, sgd_lr=0.05)
+    path = sorted(out.glob("*/epoch-0005.safetensors"))[0]
+    model, ckpt = load_model(path)
+    return make_ctx(model, load_dataset(ckpt.meta["dataset_spec"]), ckpt.meta)
+
+
+@pytest.fixture(scope="module")
+def digits_reference(digits_ctx):
+    Hm = reference_hessian(digits_ctx, SAMPLES)
+    eigs = torch.linalg.eigvalsh(Hm).numpy()
+    return {"trace": Hm.trace().item(), "eigs": eigs[::-1].copy(),
+            "rank": int(np.sum(np.abs(eigs) > 1e-2 * eigs[-1]))}
+
+
+def test_exact_path_matches_torch_func_hessian(digits_ctx, digits_reference):
+    out = HessianEstimator(samples=SAMPLES).run(digits_ctx)
+    row = out["hessian"].iloc[0]
+    ref = digits_reference
+    assert row.n_params == 1810 and row.n_samples == SAMPLES
+    assert row.rank_method == "exact" and row.trace_method == "hutchpp" and row.backend == "curvlinops"
+    assert row.engine == "taylor"
+    # diag(H) = diag(GGN) for a ReLU net with cross-entropy: BackPACK's exact GGN diagonal
+    assert row.trace_exact_applies and row.trace_exact_method == "diag_ggn"
+    assert row.trace_exact == pytest.approx(ref["trace"], rel=1e-5)
+    assert abs(row.trace - ref["trace"]) < 3 * row.trace_stderr
+    assert row.trace_stderr < 0.05 * ref["trace"]
+    np.testing.assert_allclose(row.top_eigenvalues, ref["eigs"][:5], rtol=1e-5)
+    assert row.lambda_max == pytest.approx(ref["eigs"][0], rel=1e-5)
+    assert row.rank_estimate == ref["rank"] == row.rank_locked
+    spectrum = out["hessian_spectrum"]
+    assert len(spectrum) == 1810 and (spectrum.slq_run == 0).all()
+    assert spectrum.weight.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.sort(spectrum.node), np.sort(ref["eigs"]), atol=1e-5 * ref["eigs"][0])
+
+
+def test_lanczos_path_matches_torch_func_hessian(digits_ctx, digits_reference):
+    """Forced SLQ (exact_below=0): Hutchinson, eigsh and the rank against the dense reference."""
+    out = HessianEstimator(samples=SAMPLES, exact_below=0, trace_method="hutchinson").run(digits_ctx)
+    row = out["hessian"].iloc[0]
+    ref = digits_reference
+    assert row.rank_method == "slq" and row.n_probes == 100
+    assert row.trace_exact == pytest.approx(ref["trace"], rel=1e-5)
+    assert abs(row.trace - ref["trace"]) < 3 * row.trace_stderr
+    assert row.lambda_max == pytest.approx(ref["eigs"][0], rel=1e-4)
+    np.testing.assert_allclose(row.top_eigenvalues, ref["eigs"][:5], rtol=1e-4)
+    assert abs(row.rank_estimate - ref["rank"]) <= 0.1 * ref["rank"]
+    spectrum = out["hessian_spectrum"]
+    assert sorted(spectrum.slq_run.unique()) == [0, 1]
+    np.testing.assert_allclose(spectrum.groupby("slq_run").weight.sum(), 1.0, rtol=1e-6)
+    # rank = P * (weight above the cut), run by run, averaged
+    cut = 1e-2 * row.lambda_max
+    per_run = spectrum[spectrum.node.abs() > cut].groupby("slq_run").weight.sum() * 1810
+    assert per_run.mean() == pytest.approx(row.rank_estimate)
+
+
+def test_plain_slq_rank_is_noisy_and_deflation_fixes_it(digits_ctx, digits_reference):
+    """Why the SLQ is deflated: plain SLQ's rank scatters by ~sqrt(2/rank) per run at any step count."""
+    x, y = training_subset(digits_ctx, SAMPLES, 0)
+    op = H.CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    cut = 1e-2 * digits_reference["eigs"][0]
+    gen = torch.Generator().manual_seed(5)
+    tridiagonals, _, _ = H.lanczos(op, 150, H.rademacher(4, op.P, gen, op.dtype, op.device))
+    plain = []
+    for T in tridiagonals:
+        nodes, vecs = np.linalg.eigh(T)
+        plain.append(op.P * (vecs[0] ** 2)[np.abs(nodes) > cut].sum())
+    assert np.std(plain) > 0.03 * digits_reference["rank"]
+    rank, locked, _ = H.slq_rank(op, 150, 2, cut, torch.Generator().manual_seed(5))
+    assert locked > 0.8 * digits_reference["rank"]
+    assert abs(rank - digits_reference["rank"]) <= 0.05 * digits_reference["rank"]
+
+
+def test_pyhessian_backend_agrees_with_default(digits_ctx, digits_reference):
+    x, y = training_subset(digits_ctx, SAMPLES, 0)
+    default = H.CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    pyh = H.PyHessianOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    try:
+        # Same seed, same probes: the same numbers up to float rounding.
+        same_a = H.hutchinson(default, 100, torch.Generator().manual_seed(1))
+        same_b = H.hutchinson(pyh, 100, torch.Generator().manual_seed(1))
+        assert same_a[0] == pytest.approx(same_b[0], rel=1e-5)
+        # Independent probes: within 3 combined standard errors.
+        t_a, se_a = H.hutchinson(default, 100, torch.Generator().manual_seed(2))
+        t_b, se_b = H.hutchinson(pyh, 100, torch.Generator().manual_seed(3))
+        assert abs(t_a - t_b) < 3 * math.hypot(se_a, se_b)
+        assert abs(t_b - digits_reference["trace"]) < 3 * se_b
+        # Largest algebraic eigenvalues through pyhessian's hvp too.
+        np.testing.assert_allclose(H.top_eigenvalues(pyh, 3, 0), digits_reference["eigs"][:3], rtol=1e-4)
+    finally:
+        pyh.close()
+    # pyhessian ran on a copy: no graph-carrying gradients left on the checkpoint's model
+    assert all(p.grad is None for p in digits_ctx.model.parameters())
+
+
+def test_pyhessian_estimator_row_and_dataloader_mode():
+    torch.manual_seed(0)
+    splits = load_dataset(DIGITS)
+    model = build_model({"type": "ffnn", "input_shape": [1, 8, 8], "outputs": 10, "hidden_nodes": 6,
+                         "hidden_layers": 1})
+    ctx = make_ctx(model, splits)
+    common = dict(samples=200, trace_method="hutchinson", probes=30, seed=4)
+    a = HessianEstimator(**common).run(ctx)["hessian"].iloc[0]
+    # several batches: pyhessian's dataloader mode (size-weighted mean over batches)
+    b = HessianEstimator(backend="pyhessian", batch_size=64, **common).run(ctx)["hessian"].iloc[0]
+    assert b.backend == "pyhessian" and b.engine == "hvp" and b.n_probes == 30
+    assert b.trace == pytest.approx(a.trace, rel=1e-4)  # same seed: same probes
+    assert b.trace_exact == pytest.approx(a.trace_exact, rel=1e-5)
+    np.testing.assert_allclose(b.top_eigenvalues, a.top_eigenvalues, rtol=1e-4)
+    assert b.rank_estimate == a.rank_estimate
+
+
+def _layers_model(layers, input_shape=(1, 8, 8), outputs=10):
+    return build_model({"type": "layers", "input_shape": list(input_shape), "outputs": outputs, "layers": layers})
+
+
+TAYLOR_MODELS = {
+    "conv-maxpool-dropout": lambda: _layers_model(["conv2d:3:3:1:1:relu", "maxpool2d:2", "flatten", "dropout:0.3",
+                                                   "dense:7:relu", "dense:10"]),
+    "lenet": lambda: build_model({"type": "cnn", "input_shape": [1, 8, 8], "outputs": 10, "extra_layers": 0}),
+    "tanh-sigmoid": lambda: _layers_model(["flatten", "dense:9:tanh", "dense:7:sigmoid", "dense:10"]),
+    "relu-mlp": lambda: build_model({"type": "ffnn", "input_shape": [1, 8, 8], "outputs": 10, "hidden_nodes": 7,
+                                     "hidden_layers": 2}),
+    "leaky": lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.LeakyReLU(0.1),
+                                         torch.nn.Linear(8, 10)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAYLOR_MODELS))
+def test_taylor_quadratic_forms_equal_hvp(name):
+    """The forward-mode quadratic forms v^T H v equal v^T (H v) from curvlinops (float64)."""
+    torch.manual_seed(1)
+    model = TAYLOR_MODELS[name]().double().eval()
+    splits = load_dataset(DIGITS)
+    x, y = splits.train.x[:50].double(), splits.train.y[:50]
+    loss = nll_loss("classification")
+    op = H.CurvlinopsOperator(model, loss, [(x[:30], y[:30]), (x[30:], y[30:])], 50)
+    assert op.engine == "taylor"
+    V = torch.randn(op.P, 5, dtype=torch.float64)
+    V[:, 0] = H.rademacher(1, op.P, torch.Generator().manual_seed(0), torch.float64, "cpu")[:, 0]
+    expected = (V * op.matmat(V)).sum(dim=0)
+    torch.testing.assert_close(op.quadratic(V), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_taylor_regression_loss():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    loss = nll_loss("regression", 0.3)
+    op = H.CurvlinopsOperator(model, loss, [(x, y)], 40)
+    V = torch.randn(op.P, 4, dtype=torch.float64)
+    torch.testing.assert_close(op.quadratic(V), (V * op.matmat(V)).sum(dim=0), rtol=1e-9, atol=1e-12)
+    assert H.CurvlinopsOperator(model, loss, [(x, y)], 40, engine="hvp").engine == "hvp"
+
+
+def _teacher_regression():
+    return load_dataset({"name": "teacher", "split_seed": 0, "val_fraction": 0.15, "test_fraction": 0.2,
+                         "task": "regression", "samples": 300, "input_dim": 5, "outputs": 2, "noise_sigma": 0.3,
+                         "teacher_model": {"type": "ffnn", "input_shape": [5], "outputs": 2, "hidden_nodes": 4,
+                                           "hidden_layers": 1}})
+
+
+@pytest.mark.parametrize("case", ["conv", "regression", "tanh"])
+def test_trace_exact_where_it_applies(case):
+    torch.manual_seed(3)
+    if case == "regression":
+        splits = _teacher_regression()
+        model = build_model({"type": "ffnn", "input_shape": [5], "outputs": 2, "hidden_nodes": 8,
+                             "hidden_layers": 2})
+    else:
+        splits = load_dataset(DIGITS)
+        layers = (["conv2d:2:3:1:1:relu", "maxpool2d:2", "flatten", "dropout:0.4", "dense:5:relu", "dense:10"]
+                  if case == "conv" else ["flatten", "dense:8:tanh", "dense:10"])
+        model = _layers_model(layers)
+    ctx = make_ctx(model, splits)
+    ref = reference_hessian(ctx, 120).trace().item()
+    row = HessianEstimator(samples=120, probes=30, dtype="float64").run(ctx)["hessian"].iloc[0]
+    if case == "tanh":  # f is not piecewise linear in each weight: only the dense trace is exact
+        assert not row.trace_exact_applies and row.trace_exact_method == "dense"
+        nan_row = HessianEstimator(samples=120, probes=30, exact_below=0, lanczos_steps=20, slq_runs=1).run(ctx)
+        assert math.isnan(nan_row["hessian"].trace_exact.iloc[0])
+        assert not nan_row["hessian"].trace_exact_applies.iloc[0]
+    else:
+        assert row.trace_exact_applies and row.trace_exact_method == "diag_ggn"
+    assert row.trace_exact == pytest.approx(ref, rel=1e-8)
+    assert abs(row.trace - ref) < 3 * row.trace_stderr
+
+
+def test_applicability_rules():
+    relu = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    assert H.ggn_diagonal_applies(relu)
+    shared = torch.nn.Linear(3, 3)
+    assert not H.ggn_diagonal_applies(torch.nn.Sequential(shared, torch.nn.ReLU(), shared))
+    assert not H.ggn_diagonal_applies(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU()))
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) * self.fc(x)
+
+    assert not H.ggn_diagonal_applies(Custom())
+    assert H.TaylorQuadratic.build(Custom(), list(Custom().parameters()), None, [], 1) is None
+    # End to end on a model that is not a Sequential: curvlinops products, dense exact trace.
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 3), torch.randint(0, 3, (60,))
+    split = Split(x, y)
+    ctx = make_ctx(Custom(), Splits(split, split, split, task="classification", input_shape=(3,), outputs=3))
+    row = HessianEstimator(probes=12, top_k=3).run(ctx)["hessian"].iloc[0]
+    assert row.engine == "hvp" and not row.trace_exact_applies and row.trace_exact_method == "dense"
+    assert row.trace_exact == pytest.approx(reference_hessian(ctx, 60).trace().item(), rel=1e-5)
+    assert row.n_samples == 60 and len(row.top_eigenvalues) == 3
+
+
+def test_samples_determinism_and_options(digits_ctx):
+    n_train = len(digits_ctx.splits.train)
+    x, y = training_subset(digits_ctx, 1280, 0)
+    assert len(y) == n_train < 1280  # fewer if the split is smaller
+    x1, _ = training_subset(digits_ctx, 100, 7)
+    x2, _ = training_subset(digits_ctx, 100, 7)
+    x3, _ = training_subset(digits_ctx, 100, 8)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert not digits_ctx.splits.train.x.requires_grad
+    with pytest.raises(EstimatorError, match="--hessian-probes"):
+        HessianEstimator(probes=1)
+    with pytest.raises(EstimatorError, match="--hessian-probes"):
+        HessianEstimator(trace_method="hutchpp", probes=4)
+    with pytest.raises(EstimatorError, match="--hessian-rank-threshold"):
+        HessianEstimator(rank_threshold=1.5)
+    with pytest.raises(EstimatorError, match="--hessian-backend"):
+        HessianEstimator(backend="torch")
+
+
+def test_deterministic_given_seed():
+    torch.manual_seed(0)
+    model = build_model({"type": "ffnn", "input_shape": [1, 8, 8], "outputs": 10, "hidden_nodes": 5,
+                         "hidden_layers": 1})
+    ctx = make_ctx(model, load_dataset(DIGITS))
+    opts = dict(samples=150, probes=12, exact_below=0, lanczos_steps=30, slq_runs=2, top_k=2)
+    a, b = HessianEstimator(**opts).run(ctx), HessianEstimator(**opts).run(ctx)
+    c = HessianEstimator(seed=1, **opts).run(ctx)
+    cols = ["trace", "trace_stderr", "trace_exact", "lambda_max", "rank_estimate"]
+    assert a["hessian"][cols].equals(b["hessian"][cols])
+    assert a["hessian_spectrum"].equals(b["hessian_spectrum"])
+    assert a["hessian"].trace.iloc[0] != c["hessian"].trace.iloc[0]
+    assert a["hessian"].top_eigenvalues.iloc[0] == b["hessian"].top_eigenvalues.iloc[0]
+    assert list(a["hessian"].columns) == [
+        "trace", "trace_stderr", "trace_method", "trace_exact", "trace_exact_applies", "trace_exact_method",
+        "n_probes", "top_eigenvalues", "lambda_max", "rank_estimate", "rank_threshold", "rank_method",
+        "rank_locked", "n_params", "n_samples", "backend", "engine", "seconds"]
+    assert list(a["hessian_spectrum"].columns) == ["slq_run", "node", "weight"]
+    assert not model.training

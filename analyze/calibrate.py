@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "ckpt_hash": info.hash, "config_hash": hashlib.sha256(config.encode()).hexdigest()[:16]}
     table = table.assign(**keys)[list(keys) + list(table.columns)]
     key = hashlib.sha256((info.hash + "calibration" + config).encode()).hexdigest()[:16]
-    out = Path(args.out) if args.out else path.parent.parent / "analysis"
+    out = Path(args.out) if args.out else path.resolve().parent.parent / "analysis"
     atomic_write_parquet(out / "calibration" / f"part-{key}.parquet", table)
 
     shown = table[["lr", "localization", "nbeta", "llc_mean", "llc_sem", "llc_at_third_step", "rhat", "diverged",

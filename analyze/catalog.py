@@ -16,10 +16,9 @@ from typing import Any, Iterable
 
 from analyze.estimators.base import CheckpointInfo
 from analyze.store import file_hash
-from trainer.checkpoints import CheckpointError, list_checkpoints, parse_metadata
+from trainer.checkpoints import CheckpointError, check_name, list_checkpoints, read_header_metadata
 
 RUN_KEYS = ("run", "family", "role", "experiment_type", "optimizer", "model_spec", "dataset_spec", "parent", "status")
-MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
 
 
 class EpochSpecError(ValueError):
@@ -115,34 +114,69 @@ class RunError(ValueError):
     pass
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_run(run_dir: Path) -> Run:
-    """Parse and validate run.json; RunError with a one-line reason naming the file."""
+    """Parse and validate run.json; RunError with a one-line reason naming the file.
+
+    run.json is untrusted input: every value the catalog and runs.parquet use is type-checked, and the
+    run's name must be its folder's name and a plain folder name (no separators, no `..`).
+    """
     path = run_dir / "run.json"
     try:
         record = json.loads(path.read_text())
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise RunError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     if not isinstance(record, dict):
         raise RunError(f"{path}: not a JSON object")
     missing = [k for k in RUN_KEYS if k not in record]
     if missing:
         raise RunError(f"{path}: lacks key(s) {', '.join(missing)} (not written by train-ckpts?)")
-    if not isinstance(record["optimizer"], dict) or not isinstance(record["optimizer"].get("name"), str):
+    name = record["run"]
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise RunError(f"{path}: 'run': {e}") from None
+    if name != run_dir.name:
+        raise RunError(f"{path}: names run {name!r} but lives in folder {run_dir.name!r}")
+    bad = [k for k in ("family", "role", "experiment_type", "status") if not isinstance(record[k], str)]
+    if bad:
+        raise RunError(f"{path}: {', '.join(repr(k) for k in bad)} must be text")
+    opt = record["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("name"), str):
         raise RunError(f"{path}: 'optimizer' must be an object with a 'name'")
+    lr = opt.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool)):
+        raise RunError(f"{path}: 'optimizer.lr' must be a number")
+    for key in ("model_spec", "dataset_spec"):
+        if not isinstance(record[key], dict):
+            raise RunError(f"{path}: {key!r} must be an object")
     parent = record["parent"]
-    if parent is not None and not (isinstance(parent, dict) and "run" in parent and isinstance(parent.get("epoch"), int)):
-        raise RunError(f"{path}: 'parent' must be null or an object with 'run' and 'epoch'")
-    if record["run"] != run_dir.name:
-        raise RunError(f"{path}: names run {record['run']!r} but lives in folder {run_dir.name!r}")
-    return Run(run_dir.name, run_dir.resolve(), record)
+    if parent is not None:
+        if not (isinstance(parent, dict) and isinstance(parent.get("run"), str) and _is_int(parent.get("epoch"))
+                and parent["epoch"] >= 0):
+            raise RunError(f"{path}: 'parent' must be null or an object with 'run' and 'epoch'")
+        try:
+            check_name(parent["run"], "parent run name")
+        except ValueError as e:
+            raise RunError(f"{path}: 'parent': {e}") from None
+    epochs = record.get("epochs")
+    if epochs is not None and not (isinstance(epochs, dict) and all(
+            epochs.get(k) is None or _is_int(epochs.get(k)) for k in ("first", "last"))):
+        raise RunError(f"{path}: 'epochs' must be an object with integer 'first' and 'last'")
+    if record.get("seed") is not None and not _is_int(record["seed"]):
+        raise RunError(f"{path}: 'seed' must be an integer")
+    return Run(name, run_dir.resolve(), record)
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[str]]:
     """Valid runs under `root` (its sub-folders with run.json, or `root` itself), and warning lines."""
     folders = [root] if (root / "run.json").is_file() else sorted(
-        p for p in root.iterdir() if p.is_dir() and (p / "run.json").is_file())
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "run.json").is_file())
     runs, warnings = [], []
     for folder in folders:
         try:
@@ -157,27 +191,18 @@ def find_runs(root: Path) -> tuple[list[Run], list[str]]:
 
 
 def checkpoint_info(run: Run, epoch: int, step: int | None, path: Path) -> CheckpointInfo:
-    """Hash a checkpoint and read its metadata header; a corrupt file keeps empty metadata."""
+    """Hash a checkpoint and read its metadata header; a corrupt file keeps empty metadata.
+
+    OSError if the file cannot be read at all (then there is no content to key a task by).
+    """
     meta: dict[str, Any] = {}
     try:
-        meta = parse_metadata(path, _header_metadata(path))
-    except (CheckpointError, OSError, ValueError):
+        meta = read_header_metadata(path)
+    except CheckpointError:
         pass  # the task's load_model reports exactly what is wrong, naming the file
     return CheckpointInfo(run=run.name, optimizer=run.optimizer, epoch=int(meta.get("epoch", epoch)),
                           step=int(meta.get("step", -1 if step is None else step)), path=path.resolve(),
                           hash=file_hash(path), meta=meta)
-
-
-def _header_metadata(path: Path) -> dict[str, str]:
-    # safetensors: 8 bytes little-endian header length, then a JSON header with "__metadata__".
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size > MAX_HEADER:
-            raise ValueError("header too large")
-        meta = json.loads(f.read(size)).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not an object")
-    return meta
 
 
 def build_catalog(root: str | Path, runs: str | None = None, epochs: EpochSpec | None = None) -> Catalog:
@@ -190,19 +215,35 @@ def build_catalog(root: str | Path, runs: str | None = None, epochs: EpochSpec |
     for run in selected:
         listed = list_checkpoints(run.path)
         keep = epochs.select(e for e, _, _ in listed)
-        run.checkpoints = [checkpoint_info(run, e, s, p) for e, s, p in listed if e in keep]
+        run.checkpoints = []
+        for e, s, p in listed:
+            if e not in keep:
+                continue
+            try:
+                run.checkpoints.append(checkpoint_info(run, e, s, p))
+            except OSError as err:  # vanished or unreadable since the listing: nothing to hash
+                warnings.append(f"{p}: cannot read ({err.strerror or err}); checkpoint skipped")
     return Catalog(root, found, selected, warnings)
 
 
-def training_log(runs: Iterable[Run]):
-    """Every run's epochs.parquet, concatenated with a leading `run` column (None if there is none)."""
+def training_log(runs: Iterable[Run], warnings: list[str] | None = None):
+    """Every run's epochs.parquet, concatenated with a leading `run` column (None if there is none).
+
+    An unreadable log costs that run's log only: a line in `warnings` (when given) naming the file.
+    """
     import pandas as pd
 
     frames = []
     for run in runs:
         path = run.path / "epochs.parquet"
         if path.is_file():
-            frame = pd.read_parquet(path)
+            try:
+                frame = pd.read_parquet(path)
+            except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+                if warnings is not None:
+                    warnings.append(f"{path}: cannot read ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); training log skipped")
+                continue
             frame.insert(0, "run", pd.Series([run.name] * len(frame), dtype=str))
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else None

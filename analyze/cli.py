@@ -43,8 +43,13 @@ custom estimators: --estimators package.module:ClassName, or an entry point in t
 LLC calibration: analyze calibrate CKPT_FILE [--lr 1e-5,3e-5,1e-4 --localization 10,100 ...]
   sweeps SGLD settings on one checkpoint and recommends --llc-* options (analyze calibrate --help).
 
-exit status: 0 all tasks done, 1 some task failed (rows in OUT/errors), 2 bad usage, 130 interrupted."""
-BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "device", "data_root")
+one analyze at a time per OUT: a second one started on the same OUT waits for the first (OUT/.analyze.lock),
+  then skips what the first finished.
+
+exit status: 0 all tasks done, 1 some task failed (rows in OUT/errors) or OUT could not be written,
+  2 bad usage, 130 interrupted."""
+BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "device", "data_root", "report",
+                    "report_path", "xcorr_max_lag")
 
 
 class UsageError(Exception):
@@ -79,6 +84,12 @@ def base_parser() -> Parser:
                    help="local worker processes, one torch thread each (default: the cores available, "
                         "%(default)s here); 0 runs the tasks in this process without dask, for debugging")
     p.add_argument("--force", action="store_true", help="recompute tasks that are already complete")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="at the end, compute cross-correlations (the xcorr table) and write the HTML report "
+                        "(default: on; --no-report skips both)")
+    p.add_argument("--report-path", metavar="FILE", help="where the report goes (default: OUT/report.html)")
+    p.add_argument("--xcorr-max-lag", metavar="K", type=int, default=10,
+                   help="cross-correlations at lags -K..K epochs (default: 10)")
     p.add_argument("--device", default="cpu", help="torch device the workers use (default: cpu)")
     p.add_argument("--data-root", metavar="DIR",
                    help="dataset folder, overriding the one stored in the checkpoints (data on another machine)")
@@ -143,6 +154,9 @@ class Settings:
     force: bool
     device: str
     data_root: str | None
+    report: bool = True
+    report_path: Path | None = None
+    xcorr_max_lag: int = 10
 
 
 def select_estimators(text) -> list[tuple[str, type]]:
@@ -218,7 +232,9 @@ def parse_args(argv: list[str]) -> Settings | str:
         raise UsageError(str(e)) from None
     return Settings(ckpt_dir=ckpt_dir, out=Path(args.out) if args.out else ckpt_dir / "analysis", estimators=instances,
                     runs=args.runs, epochs=epochs, scheduler=args.scheduler, workers=args.workers,
-                    force=bool(args.force), device=str(args.device), data_root=args.data_root)
+                    force=bool(args.force), device=str(args.device), data_root=args.data_root,
+                    report=bool(args.report), report_path=Path(args.report_path) if args.report_path else None,
+                    xcorr_max_lag=int(args.xcorr_max_lag))
 
 
 def unrecognized(extra: list[str], selected: set[str]) -> str:
@@ -257,20 +273,32 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output folder cannot be written (full disk, permissions): one line naming the file
+        print(f"{PROG}: error: {e}; finished tasks are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; finished tasks are kept: run the same command again to do the rest",
               file=sys.stderr)
         return 130
 
 
+def check_out(out: Path, ckpt_dir: Path, runs) -> None:
+    """Refuse an output folder that is the checkpoint folder or one of its runs (tables would mix with runs)."""
+    target = out.resolve()
+    forbidden = {ckpt_dir.resolve(): "CKPT_DIR itself"} | {run.path.resolve(): f"run {run.name}'s folder" for run in runs}
+    if target in forbidden:
+        raise UsageError(f"--out {out}: is {forbidden[target]}; choose a folder of its own (default: CKPT_DIR/analysis)")
+    if (target / "run.json").exists():
+        raise UsageError(f"--out {out}: holds a run.json (a run folder); choose a folder of its own")
+
+
 def run(s: Settings) -> int:
-    from analyze.catalog import build_catalog, runs_frame, training_log
-    from analyze.runner import execute, plan_tasks, summarize
+    from analyze.catalog import build_catalog
     from analyze.store import Store
+    from trainer.atomic import folder_lock
 
     catalog = build_catalog(s.ckpt_dir, runs=s.runs, epochs=s.epochs)
-    for warning in catalog.warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    _print_warnings(catalog.warnings)
     if not catalog.runs:
         raise UsageError(f"CKPT_DIR {s.ckpt_dir}: no runs found (folders with a valid run.json)")
     if not catalog.selected:
@@ -279,11 +307,36 @@ def run(s: Settings) -> int:
     if not catalog.checkpoints:
         raise UsageError(f"--epochs {s.epochs.text!r}: selects no checkpoint" if s.epochs.text != "all"
                          else f"CKPT_DIR {s.ckpt_dir}: the selected runs have no checkpoint files")
-
+    check_out(s.out, s.ckpt_dir, catalog.runs)
     store = Store(s.out)
     store.root.mkdir(parents=True, exist_ok=True)
+
+    def waiting(holder: str) -> None:
+        print(f"{PROG}: waiting for another analyze writing to {store.root} ({holder or 'holder unknown'}) to finish; "
+              "its finished tasks will be skipped", file=sys.stderr)
+
+    def unsupported(message: str) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    # One analyze per output folder: the lock is held for the whole run and dies with the process.
+    with folder_lock(store.lock_path, wait=True, on_wait=waiting, on_unsupported=unsupported):
+        return _run_locked(s, catalog, store)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+
+
+def _run_locked(s: Settings, catalog, store) -> int:
+    from analyze.catalog import runs_frame, training_log
+    from analyze.runner import execute, plan_tasks, summarize
+
+    log_warnings: list[str] = []
+    training = training_log(catalog.runs, log_warnings)
+    _print_warnings(log_warnings)
     store.remove_stale_temp_files()
-    store.write_run_tables(runs_frame(catalog.runs), training_log(catalog.runs))
+    store.write_run_tables(runs_frame(catalog.runs), training)
     plan = plan_tasks(catalog, s.estimators, store, force=s.force, device=s.device, data_root=s.data_root)
     superseded = store.remove_superseded({(str(t.checkpoint.path), t.estimator, t.config_hash): t.key
                                           for t in plan.todo + plan.done})
@@ -299,7 +352,10 @@ def run(s: Settings) -> int:
         if s.scheduler:
             raise UsageError(f"--scheduler {s.scheduler}: cannot connect ({e})") from None
         raise
+    post_ok = post_process(s, store) if s.report else True
     print_summary(summarize(catalog, plan, statuses), store)
+    if s.report and post_ok:
+        print(f"report: {(s.report_path or store.root / 'report.html').resolve()}")
     failures = [st for st in statuses if not st["ok"]]
     if failures:
         for st in failures[:5]:
@@ -309,15 +365,49 @@ def run(s: Settings) -> int:
             print(f"  ... and {len(failures) - 5} more", file=sys.stderr)
         print(f"{PROG}: {len(failures)} task(s) failed; see {store.root / 'errors'}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if post_ok else 1
+
+
+def post_process(s: Settings, store) -> bool:
+    """Cross-correlations over the finished tables, then the HTML report (also after partial failures)."""
+    from analyze.report import write_report
+    from analyze.xcorr import write_xcorr
+
+    try:
+        write_xcorr(store.root, max_lag=s.xcorr_max_lag)
+        write_report(store.root, path=s.report_path, ckpt_dir=s.ckpt_dir)
+        return True
+    except Exception as e:  # a report problem must not hide the tables, which are complete on disk
+        print(f"{PROG}: error: report/xcorr failed ({type(e).__name__}: {e}); the tables are complete; "
+              f"rerun with --no-report to skip it", file=sys.stderr)
+        return False
+
+
+def last_estimates(store) -> dict[str, str]:
+    """run -> 'LLC x +- s @ epoch e, Hessian trace t' from the last epoch-end checkpoint that has them."""
+    from analyze.tables import read_table
+
+    completed = store.completed()
+    found: dict[str, list[str]] = {}
+    for table, value, error, label in (("llc", "llc_mean", "llc_sem", "LLC"), ("hessian", "trace", None, "tr H")):
+        frame = read_table(store.root / table, completed) if (store.root / table).is_dir() else None
+        if frame is None or value not in frame:
+            continue
+        last = frame.sort_values(["epoch", "step"]).groupby("run").tail(1)
+        for row in last.itertuples():
+            text = f"{label} {getattr(row, value):.3g}" + (f"±{getattr(row, error):.2g}" if error else "")
+            found.setdefault(row.run, []).append(f"{text} (epoch {row.epoch})")
+    return {run: ", ".join(parts) for run, parts in found.items()}
 
 
 def print_summary(rows: list[dict], store) -> None:
     width = max([len("run")] + [len(r["run"]) for r in rows])
-    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed")
+    estimates = last_estimates(store)
+    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed  last estimates")
     for r in rows:
         done = f"{r['analysed']}/{r['checkpoints']}"
-        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}")
+        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}  "
+              f"{estimates.get(r['run'], '')}")
     tables = [t for t in store.tables()]
     print(f"tables in {store.root.resolve()}: {', '.join(tables)}")
     print(f'pandas: analyze.load("{store.root.resolve()}")')

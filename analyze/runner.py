@@ -4,11 +4,18 @@ Default: a `distributed.LocalCluster` of single-threaded worker processes on thi
 scheduler address, the same tasks run on an existing dask.distributed cluster (checkpoints and the
 output folder must then be on storage every worker reads). workers=0 runs the tasks in this process,
 without dask (for debugging an estimator).
+
+Faults: a task's own failure comes back as a failed status (the worker wrote its error row). A worker
+process that dies mid-task is dask's business: the scheduler reschedules the task on another worker,
+and the retry rewrites the task's parts from scratch; only when dask gives up (the task's workers died
+more than `distributed.scheduler.allowed-failures` times: KilledWorker) does the client write the
+error row.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -81,6 +88,9 @@ def dask_client(scheduler: str | None, workers: int):
         finally:
             client.close()
         return
+    # With the dashboard off the scheduler still serves /health on 8787, or on a free port when another
+    # cluster holds it; the fallback is harmless, so its warning is noise.
+    warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
     with LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
@@ -97,17 +107,39 @@ def _run_on_dask(client, tasks: list[Task], bar) -> list[dict]:
             task = pending.pop(future)
             try:
                 status = future.result()
-            except Exception as e:  # the worker died, or could not even unpickle the task
-                record_error(Store(task.out), task, e)
+            except Exception as e:  # dask gave up on the task (its workers died), or could not ship it
+                message = client_side_message(e)
+                if not record_error(Store(task.out), task, e, message=message):
+                    message += " (the error row could not be written either)"
                 status = {"key": task.key, "run": task.checkpoint.run, "epoch": task.checkpoint.epoch,
                           "step": task.checkpoint.step, "estimator": task.estimator, "ok": False,
-                          "error": type(e).__name__, "message": str(e) or repr(e)}
+                          "error": type(e).__name__, "message": message}
             statuses.append(_tick(bar, status))
             future.release()
     except BaseException:  # Ctrl-C: stop the cluster's work; finished tasks are kept
         client.cancel(list(pending))
         raise
     return statuses
+
+
+def client_side_message(e: BaseException) -> str:
+    """The error row's message for a task that failed outside run_task."""
+    from distributed import KilledWorker
+
+    if isinstance(e, KilledWorker):
+        try:
+            allowed = int(e.allowed_failures)
+            times = f"{allowed + 1} time(s), "
+        except Exception:
+            allowed, times = "?", ""
+        try:
+            detail = str(e)
+        except Exception:
+            detail = repr(e.args[:1])
+        return (f"the worker process died while running this task {times}and dask gave up "
+                f"(distributed.scheduler.allowed-failures = {allowed}); the estimator may need more memory "
+                f"than a worker has, or crash the interpreter ({detail})")
+    return str(e) or repr(e)
 
 
 def _tick(bar, status: dict) -> dict:

@@ -7,6 +7,9 @@
 `pandas.read_parquet("OUT/<table>")` reads a table (pyarrow skips the `.tmp-*` files a killed write
 can leave). Task keys hash the checkpoint's content, the estimator's name and its config, so a
 changed checkpoint or option is a new task and an unchanged one is never recomputed.
+
+Table names and keys become file names: both are checked here (plain names, no separators), so no
+name from an estimator or a marker can lead a write out of OUT.
 """
 
 from __future__ import annotations
@@ -14,18 +17,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from trainer.atomic import TMP_PREFIX, atomic_write_json, atomic_write_parquet
+from trainer.atomic import atomic_write, atomic_write_json, atomic_write_parquet, remove_temp_files
 
 KEY_COLUMNS = ("run", "optimizer", "epoch", "step", "ckpt_hash", "config_hash")
 KEY_DTYPES = {"run": str, "optimizer": str, "epoch": "int64", "step": "int64", "ckpt_hash": str, "config_hash": str}
 ERROR_DTYPES = {"estimator": str, "error": str, "message": str, "path": str, "traceback": str}
 TASKS_DIR, ERRORS_TABLE = "_tasks", "errors"
+SAFE_TABLE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as analyze.estimators.TABLE_NAME
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+LOCK_FILE = ".analyze.lock"
+
+
+class UnsafeName(ValueError):
+    pass
+
+
+def _check_table(table: str) -> str:
+    if not isinstance(table, str) or not SAFE_TABLE.fullmatch(table):
+        raise UnsafeName(f"table name {table!r} is not a plain name matching {SAFE_TABLE.pattern}")
+    return table
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not SAFE_KEY.fullmatch(key):
+        raise UnsafeName(f"task key {key!r} is not a plain name matching {SAFE_KEY.pattern}")
+    return key
 
 
 def file_hash(path: str | Path) -> str:
@@ -50,6 +72,49 @@ def task_key(ckpt_hash: str, estimator: str, config: dict[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def _null_typed(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_null(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_null(t.value_type))
+
+
+def part_table(frame: pd.DataFrame, like: Path | None = None):
+    """The Arrow table of a part, with columns that are all missing typed as in the table's other parts.
+
+    pandas gives an all-NaN/None column (say, every chain of a diverged LLC is NaN) the Arrow type
+    `null` (or list<null>); a part with such a column next to parts with `double` makes the table
+    folder unreadable as one dataset. Such columns take the type of the same column in the existing
+    part `like`; without one, list<null> becomes list<double> and null stays null.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    null_columns = [i for i, f in enumerate(table.schema) if _null_typed(f.type)]
+    if not null_columns:
+        return table
+    reference = None
+    if like is not None:
+        try:
+            reference = pq.read_schema(like)
+        except Exception:  # a foreign or unreadable file: fall back to the defaults
+            reference = None
+    for i in null_columns:
+        field = table.schema.field(i)
+        target = None
+        if reference is not None and field.name in reference.names:
+            candidate = reference.field(field.name).type
+            target = None if _null_typed(candidate) else candidate
+        if target is None and pa.types.is_list(field.type):
+            target = pa.list_(pa.float64())
+        if target is not None:
+            try:
+                table = table.set_column(i, field.with_type(target), table.column(i).cast(target))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+    return table
+
+
 def with_keys(frame: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:
     """Prefix an estimator's rows with the key columns, typed the same in every part."""
     frame = frame.reset_index(drop=True)
@@ -62,10 +127,14 @@ class Store:
         self.root = Path(root)
 
     def part_path(self, table: str, key: str) -> Path:
-        return self.root / table / f"part-{key}.parquet"
+        return self.root / _check_table(table) / f"part-{_check_key(key)}.parquet"
 
     def marker_path(self, key: str) -> Path:
-        return self.root / TASKS_DIR / f"{key}.json"
+        return self.root / TASKS_DIR / f"{_check_key(key)}.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
 
     # ------------------------------------------------------------ completion
     def completed(self) -> set[str]:
@@ -74,7 +143,7 @@ class Store:
             names = os.listdir(self.root / TASKS_DIR)
         except FileNotFoundError:
             return set()
-        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".") and SAFE_KEY.fullmatch(n[:-5])}
 
     def reopen(self, key: str) -> None:
         """Mark a task incomplete before recomputing it (--force), so a kill mid-way cannot look complete."""
@@ -85,12 +154,26 @@ class Store:
         written = {}
         for table, frame in frames.items():
             if len(frame):  # an empty frame carries no types worth a part, and could be all-null
-                atomic_write_parquet(self.part_path(table, key), with_keys(frame, keys))
+                path = self.part_path(table, key)
+                arrow = part_table(with_keys(frame, keys), like=self._some_part(table, key))
+                atomic_write(path, lambda tmp, arrow=arrow: _write_arrow(arrow, tmp))
                 written[table] = len(frame)
         for table in self.tables():  # one stat per table, not a listing of every part
             if table not in written and table != ERRORS_TABLE:
                 self.part_path(table, key).unlink(missing_ok=True)
         return written
+
+    def _some_part(self, table: str, key: str) -> Path | None:
+        """Another task's part of `table` (the first one listed), whose column types a new part follows."""
+        try:
+            with os.scandir(self.root / table) as entries:
+                for entry in entries:
+                    if entry.name.startswith("part-") and entry.name.endswith(".parquet") \
+                            and entry.name != f"part-{key}.parquet":
+                        return Path(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return None
 
     def finish(self, key: str, record: dict[str, Any]) -> None:
         """Write the completion marker (last), then drop an error left by an earlier failed attempt."""
@@ -141,19 +224,21 @@ class Store:
         return removed
 
     def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
-        """Delete temporary files that killed writers left (old enough not to be another run's write)."""
-        removed, cutoff = 0, time.time() - older_than
-        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
-            try:
-                if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
+        """Delete temporary files that killed writers left: at once if their writer was a process on this
+        host that no longer exists, else once older than `older_than` seconds (a worker on another host
+        may still be writing one)."""
+        folders = [p for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        return remove_temp_files(folders, older_than=older_than)
 
     def tables(self) -> list[str]:
         """Table folders present (everything but `_tasks` and hidden folders)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(("_", ".")) and SAFE_TABLE.fullmatch(p.name))
+
+
+def _write_arrow(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)

@@ -27,9 +27,16 @@ def read_table(folder: Path, completed: set[str] | None = None) -> pd.DataFrame 
         files = [p for p in files if not p.name.startswith("part-") or p.stem[len("part-"):] in completed]
     if not files:
         return None
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    frame = pq.read_table([str(p) for p in files]).to_pandas()
+    try:
+        arrow = pq.read_table([str(p) for p in files])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        # parts whose column types differ (say an all-null column, from an older version): read each part
+        # and let Arrow promote null to the other parts' types
+        arrow = pa.concat_tables([pq.read_table(str(p)) for p in files], promote_options="permissive")
+    frame = arrow.to_pandas()
     if set(RUN_EPOCH) <= set(frame.columns):  # parts come in hash order; rows within a part keep theirs
         frame = frame.sort_values(RUN_EPOCH, kind="stable", ignore_index=True)
     return frame

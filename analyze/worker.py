@@ -98,32 +98,50 @@ def compute(task: Task) -> dict:
 
 
 def run_task(task: Task) -> dict[str, Any]:
-    """Compute one task and write its parts, then its marker; never raises for the estimator's errors."""
+    """Compute one task and write its parts, then its marker; never raises for the estimator's errors.
+
+    Any failure, an estimator's exception, a corrupt checkpoint or a full disk while writing a part,
+    becomes an error row (if that can still be written) and a failed status, and the task's parts are
+    removed, so a failed task leaves no rows behind and stays incomplete.
+    """
     import torch
 
     from analyze.store import Store
 
     torch.set_num_threads(1)  # one torch thread per worker process; parallelism comes from dask
     store = Store(task.out)
-    store.reopen(task.key)
     start = time.perf_counter()
     status = {"key": task.key, "run": task.checkpoint.run, "epoch": task.checkpoint.epoch,
               "step": task.checkpoint.step, "estimator": task.estimator, "ok": False}
-    try:
-        rows = store.write_parts(task.key, task.keys(), compute(task))
-    except Exception as e:
-        store.write_parts(task.key, task.keys(), {})  # drop parts a half-finished attempt may have written
-        record_error(store, task, e, traceback.format_exc())
-        return {**status, "error": type(e).__name__, "message": error_message(e)}
-    seconds = time.perf_counter() - start
     c = task.checkpoint
-    store.finish(task.key, {
-        "key": task.key, "run": c.run, "optimizer": c.optimizer, "epoch": c.epoch, "step": c.step,
-        "checkpoint": str(c.path), "ckpt_hash": c.hash, "estimator": task.estimator, "ref": task.ref,
-        "options": task.options, "config_hash": task.config_hash, "tables": rows, "seconds": seconds,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
-        "worker": dask_worker_address()})
+    try:
+        store.reopen(task.key)
+        rows = store.write_parts(task.key, task.keys(), compute(task))
+        seconds = time.perf_counter() - start
+        store.finish(task.key, {
+            "key": task.key, "run": c.run, "optimizer": c.optimizer, "epoch": c.epoch, "step": c.step,
+            "checkpoint": str(c.path), "ckpt_hash": c.hash, "estimator": task.estimator, "ref": task.ref,
+            "options": task.options, "config_hash": task.config_hash, "tables": rows, "seconds": seconds,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
+            "worker": dask_worker_address()})
+    except BaseException as e:
+        if not isinstance(e, Exception) and not is_foreign_panic(e):
+            raise  # KeyboardInterrupt, SystemExit: not the task's failure
+        message = error_message(e)
+        try:
+            store.reopen(task.key)
+            store.write_parts(task.key, task.keys(), {})  # drop parts a half-finished attempt may have written
+        except Exception:
+            pass
+        if not record_error(store, task, e, traceback.format_exc()):
+            message += " (the error row could not be written either)"
+        return {**status, "error": type(e).__name__, "message": message}
     return {**status, "ok": True, "rows": rows, "seconds": seconds}
+
+
+def is_foreign_panic(e: BaseException) -> bool:
+    """A Rust panic surfacing through pyo3 (PanicException derives from BaseException)."""
+    return type(e).__name__ == "PanicException"
 
 
 def dask_worker_address() -> str | None:
@@ -139,6 +157,12 @@ def error_message(e: BaseException) -> str:
     return str(e) or repr(e)
 
 
-def record_error(store, task: Task, e: BaseException, trace: str = "") -> None:
-    store.write_error(task.key, task.keys(), estimator=task.estimator, error=type(e).__name__,
-                      message=error_message(e), path=str(task.checkpoint.path), traceback=trace[-4000:])
+def record_error(store, task: Task, e: BaseException, trace: str = "", message: str | None = None) -> bool:
+    """Write the task's error row; False if even that fails (say, the disk is full)."""
+    try:
+        store.write_error(task.key, task.keys(), estimator=task.estimator, error=type(e).__name__,
+                          message=message or error_message(e), path=str(task.checkpoint.path),
+                          traceback=trace[-4000:])
+    except Exception:
+        return False
+    return True

@@ -19,4 +19,5 @@ fi
 export PATH="$VENV/bin:$PATH"
 # Tests and demo are CPU-bound on small models: one BLAS thread per process avoids oversubscription
 # when dask runs several worker processes.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false

@@ -16,16 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from trainer.atomic import atomic_write_bytes
 
 FORMAT = "ckpt-dynamics/1"
-CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{8,}))?\.safetensors$")
+CKPT_RE = re.compile(r"^epoch-([0-9]{4,})(?:-step-([0-9]{8,}))?\.safetensors$")
 JSON_FIELDS = ("model_spec", "dataset_spec")
 REQUIRED = ("format", "run", "epoch", "step", "optimizer", "model_spec", "dataset_spec")
+MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
+# A run name is one plain path component: it names a folder, and must never lead out of one.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}")
+
+
+def check_name(name: Any, what: str = "run name") -> str:
+    """Return `name` if it is safe as a single folder name (no separators, no `..`, no leading dot)."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a plain folder name (letters, digits and ._+=@-, "
+                         "not starting with a dot, no path separators or '..')")
+    return name
+
+
+def _is_rust_panic(e: BaseException) -> bool:
+    # pyo3's PanicException (a Rust panic inside safetensors) derives from BaseException, not Exception.
+    return type(e).__name__ == "PanicException"
 
 
 class CheckpointError(ValueError):
@@ -48,7 +63,21 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], *, run: str
             "dataset_spec": json.dumps(dataset_spec, sort_keys=True),
             "train_loss": repr(float(train_loss)), "val_loss": repr(float(val_loss))}
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    return atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return atomic_write_bytes(path, st_bytes(tensors, meta))
+
+
+def st_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a canonical header: the same tensors and metadata give the same bytes in
+    every process. (safetensors writes `__metadata__` in Rust HashMap order, which is randomised per
+    process; a resumed run could then never be byte-identical to an uninterrupted one.)"""
+    data = st_save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    entries = {"__metadata__": header.pop("__metadata__"), **header}  # tensors keep safetensors' order
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 @dataclass
@@ -59,18 +88,48 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint. Any problem raises CheckpointError naming the file."""
+    """Read and validate a checkpoint. Any problem raises CheckpointError naming the file.
+
+    Only the safetensors format and JSON are parsed: nothing is unpickled or evaluated.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     try:
-        tensors = st_load(data)
         meta = _read_metadata(data)
-    except (SafetensorError, ValueError, OverflowError, RuntimeError, KeyError) as e:
-        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {e}") from None
+        tensors = st_load(data)
+    except Exception as e:  # SafetensorError, KeyError for a dtype torch lacks, MemoryError, ...
+        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
+                                    f"{type(e).__name__}: {_one_line(e)}") from None
+    except BaseException as e:
+        if not _is_rust_panic(e):
+            raise
+        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
+                                    f"safetensors panicked: {_one_line(e)}") from None
     return Checkpoint(path, tensors, parse_metadata(path, meta))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or repr(e)
+    return text.splitlines()[0][:300]
+
+
+def _header_dict(header_bytes: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors JSON header; ValueError unless it maps strings to strings."""
+    try:
+        header = json.loads(header_bytes)
+    except RecursionError:
+        raise ValueError("header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("__metadata__ is not an object of strings")
+    return meta
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -78,13 +137,36 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise ValueError("file shorter than the safetensors header")
     n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER:
+        raise ValueError("header length exceeds safetensors' limit")
     if n > len(data) - 8:
         raise ValueError("header length exceeds the file size")
-    header = json.loads(data[8:8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not an object")
-    return meta
+    return _header_dict(data[8:8 + n])
+
+
+def read_header_metadata(path: str | Path) -> dict[str, Any]:
+    """Parsed and validated metadata from a checkpoint's header only (no tensors are read).
+
+    Raises CheckpointError naming the file for any problem, OSError included.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than the safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER:
+                raise ValueError("header length exceeds safetensors' limit")
+            header = f.read(n)
+            if len(header) < n:
+                raise ValueError("header length exceeds the file size")
+        meta = _header_dict(header)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {_one_line(e)}") from None
+    return parse_metadata(path, meta)
 
 
 def parse_metadata(path: Path, meta: dict[str, str]) -> dict[str, Any]:
@@ -92,49 +174,69 @@ def parse_metadata(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     if missing:
         raise CheckpointError(path, f"metadata lacks {', '.join(missing)} (not written by train-ckpts?)")
     if meta["format"] != FORMAT:
-        raise CheckpointError(path, f"unsupported checkpoint format {meta['format']!r} (expected {FORMAT})")
+        raise CheckpointError(path, f"unsupported checkpoint format {str(meta['format'])[:40]!r} (expected {FORMAT})")
     parsed: dict[str, Any] = dict(meta)
     for key in ("epoch", "step"):
-        try:
-            parsed[key] = int(meta[key])
-        except (TypeError, ValueError):
-            raise CheckpointError(path, f"metadata '{key}' is not an integer: {meta[key]!r}") from None
+        value = meta[key]
+        if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]{1,18}", value):
+            raise CheckpointError(path, f"metadata '{key}' is not an integer: {str(value)[:40]!r}")
+        parsed[key] = int(value)
         if parsed[key] < 0:
             raise CheckpointError(path, f"metadata '{key}' is negative")
+    for key in ("run", "optimizer"):
+        if not isinstance(meta[key], str):
+            raise CheckpointError(path, f"metadata '{key}' is not a string")
+    try:
+        check_name(meta["run"])
+    except ValueError as e:
+        raise CheckpointError(path, f"metadata 'run': {e}") from None
     for key in JSON_FIELDS:
         try:
             parsed[key] = json.loads(meta[key])
-        except (TypeError, json.JSONDecodeError):
+        except (TypeError, ValueError, RecursionError):  # JSONDecodeError, too many digits, too deep
             raise CheckpointError(path, f"metadata '{key}' is not valid JSON") from None
         if not isinstance(parsed[key], dict):
             raise CheckpointError(path, f"metadata '{key}' is not a JSON object")
     for key in ("train_loss", "val_loss"):
         try:
             parsed[key] = float(meta.get(key, "nan"))
-        except ValueError:
+        except (TypeError, ValueError):
             parsed[key] = math.nan
     return parsed
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """Rebuild the model a checkpoint describes and load its weights. Returns (model, Checkpoint)."""
+    """Rebuild the model a checkpoint describes and load its weights. Returns (model, Checkpoint).
+
+    The spec is untrusted: the model is first built on torch's "meta" device (shapes only, no memory),
+    its parameter names, shapes and dtypes are compared with the file's tensors, and only a spec that
+    matches the file is built for real. Any problem raises CheckpointError naming the file.
+    """
     from trainer.models import build_model
 
     ckpt = read_checkpoint(path)
     try:
-        model = build_model(ckpt.meta["model_spec"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(ckpt.path, f"invalid model spec: {e}") from None
-    expected = model.state_dict()
+        with torch.device("meta"):
+            skeleton = build_model(ckpt.meta["model_spec"])
+    except Exception as e:  # ValueError from the spec checks; anything else the builders raise
+        raise CheckpointError(ckpt.path, f"invalid model spec: {_one_line(e)}") from None
+    expected = skeleton.state_dict()
     if set(expected) != set(ckpt.tensors):
         extra, lacking = set(ckpt.tensors) - set(expected), set(expected) - set(ckpt.tensors)
         raise CheckpointError(ckpt.path, f"tensors do not match the model spec (unexpected: {sorted(extra)[:3]}, "
                                          f"missing: {sorted(lacking)[:3]})")
-    for name, t in ckpt.tensors.items():
+    for name in expected:  # in the model's order: the first layer that differs is named
+        t = ckpt.tensors[name]
         if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
             raise CheckpointError(ckpt.path, f"tensor {name!r} has shape {tuple(t.shape)} {t.dtype}, "
                                              f"the model spec needs {tuple(expected[name].shape)} {expected[name].dtype}")
-    model.load_state_dict(ckpt.tensors)
+    del skeleton, expected
+    try:
+        with torch.device("cpu"):
+            model = build_model(ckpt.meta["model_spec"])
+        model.load_state_dict(ckpt.tensors)
+    except Exception as e:
+        raise CheckpointError(ckpt.path, f"cannot rebuild the model: {_one_line(e)}") from None
     return model.to(device).eval(), ckpt
 
 
@@ -174,16 +276,28 @@ def save_resume_state(path: Path, *, epoch: int, step: int, optimizer_state: dic
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_state(optimizer_state, "opt", tensors)
     meta = {"format": FORMAT, "epoch": str(epoch), "step": str(step), "optimizer_state": json.dumps(skeleton)}
-    return atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return atomic_write_bytes(path, st_bytes(tensors, meta))
 
 
 def read_resume_state(path: Path) -> tuple[int, int, dict]:
-    data = Path(path).read_bytes()
     try:
-        tensors, meta = st_load(data), _read_metadata(data)
-        return int(meta["epoch"]), int(meta["step"]), unflatten_state(json.loads(meta["optimizer_state"]), tensors)
-    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"invalid resume state: {e}") from None
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        meta = _read_metadata(data)
+        tensors = st_load(data)
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+        state = unflatten_state(json.loads(meta["optimizer_state"]), tensors)
+        if not isinstance(state, dict) or epoch < 0 or step < 0:
+            raise ValueError("not an optimizer state")
+        return epoch, step, state
+    except Exception as e:  # SafetensorError, ValueError, KeyError, TypeError, RecursionError, ...
+        raise CheckpointError(path, f"invalid resume state: {type(e).__name__}: {_one_line(e)}") from None
+    except BaseException as e:
+        if not _is_rust_panic(e):
+            raise
+        raise CheckpointError(path, f"invalid resume state: safetensors panicked: {_one_line(e)}") from None
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, int | None, Path]]:

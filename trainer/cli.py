@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunExistsError, CheckpointError) as e:
         print(f"train-ckpts: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a file-size limit while writing: the file being written is dropped
+        print(f"train-ckpts: error: {e}; complete epochs are kept (continue with --resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("train-ckpts: interrupted; complete epochs are kept (continue with --resume)", file=sys.stderr)
         return 130

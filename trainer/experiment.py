@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from trainer.atomic import atomic_write_json, atomic_write_parquet
-from trainer.checkpoints import (checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
+from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, folder_lock, is_temp_file,
+                            remove_temp_files)
+from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
                                  save_resume_state)
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, dataset_spec_from_config, load_dataset
@@ -63,6 +64,8 @@ def plan_runs(cfg: TrainConfig, model_specs: list[dict]) -> list[RunPlan]:
             parent = {"run": trunk, "epoch": cfg.cut_off_epochs}
             plans += [RunPlan(f"{family}-swap-{o}", family, "branch", optimizer_settings(o, cfg), spec,
                               cfg.cut_off_epochs, cfg.num_epochs, parent) for o in ("sgd", "ngd")]
+    for plan in plans:  # run names become folder names under --out
+        check_name(plan.name)
     return plans
 
 
@@ -105,10 +108,25 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
         except ValueError as e:
             raise ConfigError(f"invalid value for '{'layers' if cfg.model_type == 'layers' else 'model_type'}': {e}") from None
     plans = plan_runs(cfg, specs)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, wait=False):  # one train-ckpts per output folder (a flock on the folder itself)
+            return _train_plans(plans, cfg, splits, dataset_spec, out, device, log)
+    except LockBusy as e:
+        raise RunExistsError(f"another train-ckpts ({e.holder or 'unknown process'}) is writing to {out}/; "
+                             "wait for it to finish, or choose another --out") from None
+
+
+def _train_plans(plans: list[RunPlan], cfg: TrainConfig, splits: Splits, dataset_spec: dict, out: Path,
+                 device: torch.device, log) -> dict[str, str]:
     existing = [p.name for p in plans if (out / p.name / "run.json").exists()]
     if existing and not (cfg.resume or cfg.overwrite):
         raise RunExistsError(f"run(s) {', '.join(existing)} already exist in {out}/; "
                              "use --resume to continue them or --overwrite to replace them")
+    foreign = [p.name for p in plans if _holds_foreign_files(out / p.name)]
+    if foreign and not cfg.overwrite:
+        raise RunExistsError(f"folder(s) {', '.join(foreign)} in {out}/ hold files but no run.json; "
+                             "move them away, or use --overwrite to replace them")
     statuses: dict[str, str] = {}
     for plan in plans:
         if plan.parent and statuses.get(plan.parent["run"]) != "complete":
@@ -118,6 +136,13 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
         trainer = RunTrainer(plan, cfg, splits, dataset_spec, out / plan.name, device, log)
         statuses[plan.name] = trainer.train()
     return statuses
+
+
+def _holds_foreign_files(run_dir: Path) -> bool:
+    """A run's folder without run.json that holds anything but a killed writer's temporary files."""
+    if not run_dir.is_dir() or (run_dir / "run.json").exists():
+        return False
+    return any(not is_temp_file(p.name) for p in run_dir.iterdir())
 
 
 class RunTrainer:
@@ -145,8 +170,17 @@ class RunTrainer:
     def _prepare(self):
         """Return (model, optimizer, next epoch, global step, steps rows, epoch rows) to continue from."""
         run_json = self.run_dir / "run.json"
+        # Temporary files of a killed earlier write (this process holds the output folder's lock, so
+        # no other writer can be filling one): complete files are never touched.
+        remove_temp_files([self.run_dir], everything=True)
         if run_json.exists() and self.cfg.resume:
-            record = json.loads(run_json.read_text())
+            try:
+                record = json.loads(run_json.read_text())
+            except (OSError, ValueError, RecursionError) as e:
+                raise ConfigError(f"{run_json}: cannot read ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
+                                  "use --overwrite to start the run again") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{run_json}: not a JSON object; use --overwrite to start the run again")
             if record.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
                 raise ConfigError(f"{run_json}: --resume with a different configuration than the run was started "
                                   "with; use --overwrite to start it again")

@@ -76,13 +76,15 @@ def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size:
     """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode."""
     was_training = model.training
     model.eval()
-    total, correct = 0.0, 0
+    total, correct, finite = 0.0, 0, True
     for begin in range(0, len(data), batch_size):
         xb, yb = data.x[begin:begin + batch_size], data.y[begin:begin + batch_size]
         out = model(xb)
         total += per_sample_loss(out, yb).sum().item()
         if yb.ndim == 1:
             correct += (out.argmax(1) == yb).sum().item()
+            finite = finite and bool(torch.isfinite(out).all())
     model.train(was_training)
     n = len(data)
-    return total / n, (correct / n if data.y.ndim == 1 else math.nan)
+    # argmax of NaN logits is class 0: an accuracy from non-finite outputs would look plausible
+    return total / n, (correct / n if data.y.ndim == 1 and finite else math.nan)

@@ -20,12 +20,64 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "none": None, "linear": None}
 
 
+MAX_DEPTH = 1024  # layers a spec may ask for (a checkpoint's spec is untrusted input)
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    kind = spec.get("type")
+    """The module a spec describes; ValueError (naming the key) for a spec of the wrong shape or types.
+
+    Sizes are not capped: to rebuild an untrusted spec without allocating, build it under
+    `with torch.device("meta"):` first (trainer.checkpoints.load_model does).
+    """
     builders = {"ffnn": _mlp, "dlnn": _mlp, "cnn": _lenet, "layers": _layer_list}
-    if kind not in builders:
+    validate_spec(spec)
+    try:
+        return builders[spec["type"]](spec)
+    except ValueError:
+        raise
+    except (RuntimeError, ArithmeticError, TypeError, IndexError) as e:  # torch's shape checks, e.g. a too-small input
+        raise ValueError(f"model spec does not give a working model: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_spec(spec: Any) -> None:
+    """Check a model spec's keys and value types (the builders trust them)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"model spec must be an object, not {type(spec).__name__}")
+    kind = spec.get("type")
+    if kind not in ("ffnn", "dlnn", "cnn", "layers"):
         raise ValueError(f"unknown model type {kind!r} in model spec")
-    return builders[kind](spec)
+
+    def integer(key: str, low: int, high: int | None = None) -> int:
+        if key not in spec:
+            raise ValueError(f"model spec lacks {key!r}")
+        v = spec[key]
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            bound = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"model spec {key!r} must be {bound}, not {v!r}")
+        return v
+
+    shape = spec.get("input_shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 3 or not all(_is_int(d) and d >= 1 for d in shape):
+        raise ValueError(f"model spec 'input_shape' must be a list of 1 to 3 positive integers, not {shape!r}")
+    integer("outputs", 1)
+    if kind in ("ffnn", "dlnn"):
+        integer("hidden_nodes", 1)
+        integer("hidden_layers", 0, MAX_DEPTH)
+    elif kind == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"model spec 'input_shape' of a cnn must be [channels, height, width], not {shape!r}")
+        integer("extra_layers", 0, MAX_DEPTH)
+    else:
+        layers = spec.get("layers")
+        if not isinstance(layers, list) or not layers or len(layers) > MAX_DEPTH \
+                or not all(isinstance(e, str) for e in layers):
+            raise ValueError(f"model spec 'layers' must be a list of 1 to {MAX_DEPTH} layer strings")
+        for entry in layers:
+            parse_layer(entry)
 
 
 def model_spec_from_config(cfg, input_shape: tuple[int, ...], outputs: int) -> list[dict[str, Any]]:
@@ -110,10 +162,14 @@ def parse_layer(entry: str) -> tuple[str, list[str]]:
         values = [float(a) for a in numeric]
     except ValueError:
         raise ValueError(f"layer {entry!r}: arguments must be numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"layer {entry!r}: arguments must be finite numbers")
     if kind == "dropout" and not 0 <= values[0] < 1:
         raise ValueError(f"layer {entry!r}: dropout probability must lie in [0, 1)")
     if kind != "dropout" and any(v != int(v) or v < 0 for v in values) or (kind in ("dense", "conv2d") and values[0] < 1):
         raise ValueError(f"layer {entry!r}: sizes must be positive integers")
+    if kind == "conv2d" and (values[1] < 1 or values[2] < 1) or kind == "maxpool2d" and values[0] < 1:
+        raise ValueError(f"layer {entry!r}: kernel sizes and strides must be positive integers")
     if kind in ("conv2d", "dense") and len(args) == hi:
         if args[-1] == "softmax":
             raise ValueError(f"layer {entry!r}: the last layer outputs logits; cross-entropy applies the softmax")

@@ -35,7 +35,7 @@ class Evaluate(Estimator):
         n = len(y)
         if n == 0:
             return math.nan, math.nan
-        total, correct = 0.0, 0
+        total, correct, finite = 0.0, 0, True
         size = self.opts["batch_size"]
         for start in range(0, n, size):
             xb, yb = x[start:start + size].to(ctx.device), y[start:start + size].to(ctx.device)
@@ -44,4 +44,6 @@ class Evaluate(Estimator):
             total += ctx.per_sample_loss(out, yb).double().sum().item()
             if classification:
                 correct += (out.argmax(dim=1) == yb).sum().item()
-        return total / n, (correct / n if classification else math.nan)
+                finite = finite and bool(torch.isfinite(out).all())
+        # argmax of NaN logits is class 0: an accuracy of non-finite outputs would look plausible, so NaN
+        return total / n, (correct / n if classification and finite else math.nan)

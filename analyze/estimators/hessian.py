@@ -607,29 +607,35 @@ def lanczos(op: HessianOperator, steps: int, starts: torch.Tensor, deflate: torc
     `deflate`, whose span the runs then exclude).
 
     Returns (tridiagonals, basis, residuals): per run the tridiagonal matrix (float64), the Lanczos
-    vectors (steps, P, runs) and the norm of the next residual (0 where a run found an invariant
+    vectors (runs, steps, P) and the norm of the next residual (0 where a run found an invariant
     subspace: it stops there and is exact). Memory: steps * P * runs values of the operator's dtype.
     """
     P, runs = starts.shape
     steps = max(1, min(steps, P - (0 if deflate is None else deflate.shape[1])))
     q = starts / starts.norm(dim=0)
-    basis = torch.zeros(steps, P, runs, dtype=op.dtype, device=op.device)
+    basis = torch.zeros(runs, steps, P, dtype=op.dtype, device=op.device)  # run-major: bmm-friendly
     alphas, betas = np.zeros((steps, runs)), np.zeros((steps, runs))
     length = np.full(runs, steps)
     active = np.ones(runs, dtype=bool)
     tiny = 100 * torch.finfo(op.dtype).eps
     for j in range(steps):
-        basis[j] = q
+        basis[:, j] = q.T
         w = op.matmat(q)
         alpha = (w * q).sum(dim=0)
         alphas[j] = alpha.double().cpu().numpy()
         w = w - alpha * q
         if j > 0:
-            w = w - torch.as_tensor(betas[j - 1], dtype=op.dtype, device=op.device) * basis[j - 1]
-        for _ in range(2):  # "twice is enough" (Kahan-Parlett)
-            w = w - torch.einsum("jpr,jr->pr", basis[:j + 1], torch.einsum("jpr,pr->jr", basis[:j + 1], w))
+            w = w - torch.as_tensor(betas[j - 1], dtype=op.dtype, device=op.device) * basis[:, j - 1].T
+        # Full reorthogonalisation by classical Gram-Schmidt, repeated when it removed much of w
+        # (Kahan-Parlett "twice is enough"; after the three-term recurrence one pass usually suffices).
+        # Matrix-vector products run by run: much faster than bmm on these shapes.
+        for _ in range(2):
+            before = w.norm(dim=0)
+            w = torch.stack([w[:, r] - (basis[r, :j + 1] @ w[:, r]) @ basis[r, :j + 1] for r in range(runs)], 1)
             if deflate is not None:
                 w = w - deflate @ (deflate.T @ w)
+            if bool((w.norm(dim=0) >= 0.7 * before).all()):
+                break
         beta = w.norm(dim=0).double().cpu().numpy()
         scale = np.maximum(np.abs(alphas[:j + 1]).max(axis=0), betas[:j + 1].max(axis=0))
         stopped = active & (beta <= tiny * np.maximum(scale, 1e-30))
@@ -668,7 +674,7 @@ def slq_rank(op: HessianOperator, steps: int, runs: int, cut: float, gen: torch.
     keep = (np.abs(beta * S[-1]) <= 1e-3 * cut) & (np.abs(theta) > cut)
     locked, c, U = theta[keep], int(keep.sum()), None
     if c:
-        U = basis[:len(theta), :, 0].T @ torch.as_tensor(S[:, keep], dtype=op.dtype, device=op.device)
+        U = basis[0, :len(theta)].T @ torch.as_tensor(S[:, keep], dtype=op.dtype, device=op.device)
         U = torch.linalg.qr(U.double())[0].to(op.dtype)
     del basis
     results = [(np.zeros(0), np.zeros(0))] * runs

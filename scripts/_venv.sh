@@ -12,8 +12,15 @@ fi
 STAMP="$VENV/.ckpt-dynamics-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     echo "[setup] installing torch==2.14.1 torchvision==0.29.1 and the project (a few minutes the first time)"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1"
+    LOG="$VENV/pip-install.log"
+    # pip's output goes to a log (this machine's package mirrors print many harmless warnings); shown on failure
+    if ! { "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" &&
+           "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1"; } \
+         >"$LOG" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$LOG" >&2
+        echo "[setup] installation failed; full log: $LOG" >&2
+        exit 1
+    fi
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -150,10 +150,11 @@ def test_run_load_and_epochs_frame(tiny_ckpts, capsys):
     out = tiny_ckpts / "analysis"
     assert run_cli(tiny_ckpts) == 0
     printed = capsys.readouterr().out
-    assert f"tables in {out}: evaluate, runs, training, weights" in printed
+    assert f"tables in {out}: evaluate, runs, training, weights, xcorr" in printed  # xcorr: --report's
+    assert f"report: {out / 'report.html'}" in printed and (out / "report.html").stat().st_size > 100_000
     assert TRUNK in printed and "4/4" in printed  # 4 trunk checkpoints (one mid-epoch) analysed
     tables = analyze.load(out)
-    assert set(tables) == {"evaluate", "weights", "runs", "training", "epochs"}
+    assert set(tables) == {"evaluate", "weights", "runs", "training", "epochs", "xcorr"}
     ev = tables["evaluate"]
     assert list(ev.columns[:6]) == list(KEY_COLUMNS)
     assert len(ev) == 6 * 3 and set(ev["split"]) == {"train", "val", "test"}

@@ -73,18 +73,28 @@ def _ours(model, x) -> list[float]:
     return [v for pair in zip(frame["hsic_x"], frame["hsic_y"]) for v in pair]
 
 
+def _layer_outputs(model, x):
+    """The probes in the estimator's order (a joint permutation does not change HSIC; kept for equality)
+    and every top-level layer's output, flattened to (m, -1)."""
+    import torch
+
+    m = len(x)
+    x = x[torch.randperm(m, generator=torch.Generator().manual_seed(0))]
+    outs, h = [], x
+    with torch.no_grad():
+        for _, module in model.named_children():
+            h = module(h)
+            outs.append(h.reshape(m, -1))
+    return x, outs
+
+
 def _naive(model, x) -> list[float]:
     import torch
 
     m = len(x)
-    # the samples in the estimator's probe order (a joint permutation does not change HSIC; kept for equality)
-    x = x[torch.randperm(m, generator=torch.Generator().manual_seed(0))]
-    with torch.no_grad():
-        outs, h = [], x
-        for _, module in model.named_children():
-            h = module(h)
-            outs.append(h.reshape(m, -1).to(torch.float64))
-        y = torch.softmax(outs[-1], dim=1)
+    x, outs = _layer_outputs(model, x)
+    outs = [t.to(torch.float64) for t in outs]
+    y = torch.softmax(outs[-1], dim=1)
 
     def kernel(a):
         z = a[:, None, :] - a[None, :, :]  # m x m x d
@@ -111,12 +121,7 @@ def _ours_math(model, x) -> list[float]:
     from analyze import hsic_math as hm
 
     m = len(x)
-    x = x[torch.randperm(m, generator=torch.Generator().manual_seed(0))]
-    with torch.no_grad():
-        outs, h = [], x
-        for _, module in model.named_children():
-            h = module(h)
-            outs.append(h.reshape(m, -1))
+    x, outs = _layer_outputs(model, x)
     KY, _ = hm.gaussian_kernel(torch.softmax(outs[-1].to(torch.float64), dim=1), SIGMA)
     plane = hm.information_plane(x, KY, outs[:-1], kernel="gaussian", sigma=SIGMA, name="pyglow")
     return [v for pair in plane for v in pair]

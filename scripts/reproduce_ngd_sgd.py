@@ -26,14 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-STUDY_ARGS = [
-    {"model_type": "ffnn", "experiment_type": "swap", "optimizer": "both", "hessian": False,
-     "hidden_nodes": [256], "hidden_layers": [2], "hidden_conv_layers": [2], "cut_off_epochs": 30,
-     "num_epochs": 80, "sgd_lr": 0.001, "ngd_lr": 0.001, "alpha": 0.1, "eta": 0.9, "epsilon": 1e-10,
-     "delta": 0.0005, "momentum": 0.9, "nesterov": True, "seed": 2},
-    {"batch_size": 128, "num_workers": 22, "dataset": "fashion-mnist", "num_hessian_batches": 1},
-    {"sampler": "sgld", "num_chains": 2, "num_draws": 1000, "localization": 100.0, "sampler_lr": 0.0001},
-]
+# The study's own args file (its format: [hyperparameters, data args, sampler args]).
+STUDY_ARGS = json.loads((Path(__file__).parent / "args_ngd_sgd.json").read_text())
 CALIBRATION_GRID = {"lr": "1e-6,3e-6,1e-5,3e-5,1e-4", "localization": "100,1000,10000"}
 FALLBACK = (1e-5, 1e4)  # the algorithms doc's setting that plateaued on this model
 

@@ -20,14 +20,8 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_dataset
 from trainer.models import build_model
 
-STUDY_ARGS = [
-    {"model_type": "ffnn", "experiment_type": "swap", "optimizer": "both", "hessian": False,
-     "hidden_nodes": [256], "hidden_layers": [2], "hidden_conv_layers": [2], "cut_off_epochs": 30,
-     "num_epochs": 80, "sgd_lr": 0.001, "ngd_lr": 0.001, "alpha": 0.1, "eta": 0.9, "epsilon": 1e-10,
-     "delta": 0.0005, "momentum": 0.9, "nesterov": True, "seed": 2},
-    {"batch_size": 128, "num_workers": 22, "dataset": "fashion-mnist", "num_hessian_batches": 1},
-    {"sampler": "sgld", "num_chains": 2, "num_draws": 1000, "localization": 100.0, "sampler_lr": 0.0001},
-]
+# The study's args file, as shipped for scripts/reproduce_ngd_sgd.py.
+STUDY_ARGS = json.loads((Path(__file__).parents[1] / "scripts" / "args_ngd_sgd.json").read_text())
 
 
 def ckpt_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

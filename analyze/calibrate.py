@@ -11,8 +11,6 @@ step-size bias is large even when chains plateau), preferring the weakest locali
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_nbeta
-from trainer.atomic import atomic_write_parquet
+from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
 from trainer.data import DataError, load_dataset
 from trainer.losses import nll_loss
@@ -45,9 +43,8 @@ def _floats(text: str, flag: str) -> list[float]:
 def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -> Context:
     model, ckpt = load_model(path, device)
     splits = load_dataset(ckpt.meta["dataset_spec"], root=data_root)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     info = CheckpointInfo(ckpt.meta["run"], ckpt.meta["optimizer"], ckpt.meta["epoch"], ckpt.meta["step"],
-                          path, digest, ckpt.meta)
+                          path, file_hash(path), ckpt.meta)
     return Context(model=model, checkpoint=info, device=torch.device(device), splits=splits,
                    loss_fn=nll_loss(splits.task, splits.noise_sigma),
                    per_sample_loss=nll_loss(splits.task, splits.noise_sigma, reduction="none"))
@@ -120,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     except (EstimatorError, CheckpointError, DataError) as e:
         print(f"analyze calibrate: error: {e}", file=sys.stderr)
         return 2
+    # Written as one task of the analysis store (same checkpoint hash, keys and completion marker as the
+    # estimators' tables), so analyze.load() and the report see it and it joins the other tables.
     info = ctx.checkpoint
-    config = json.dumps({"grid": [lrs, locs, nbetas], **common}, sort_keys=True)
+    config = {"grid": [lrs, locs, nbetas], **common}
     keys = {"run": info.run, "optimizer": info.optimizer, "epoch": info.epoch, "step": info.step,
-            "ckpt_hash": info.hash, "config_hash": hashlib.sha256(config.encode()).hexdigest()[:16]}
-    table = table.assign(**keys)[list(keys) + list(table.columns)]
-    key = hashlib.sha256((info.hash + "calibration" + config).encode()).hexdigest()[:16]
-    out = Path(args.out) if args.out else path.resolve().parent.parent / "analysis"
-    atomic_write_parquet(out / "calibration" / f"part-{key}.parquet", table)
+            "ckpt_hash": info.hash, "config_hash": config_hash(config)}
+    store = Store(Path(args.out) if args.out else path.resolve().parent.parent / "analysis")
+    key = task_key(info.hash, "calibration", config)
+    store.reopen(key)
+    store.write_parts(key, keys, {"calibration": table})
+    store.finish(key, {"estimator": "calibration", "checkpoint": str(path), "config": config})
+    out = store.root
 
     shown = table[["lr", "localization", "nbeta", "llc_mean", "llc_sem", "llc_at_third_step", "rhat", "diverged",
                    "left_basin", "healthy", "agrees_with_third_step", "recommended"]]

@@ -111,8 +111,10 @@ def main() -> int:
     run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--lr", args.calibration_lr,
          "--localization", args.calibration_localization, "--chains", "2",
          "--draws", str(args.calibration_draws), "--out", str(analysis), "--device", args.device])
-    calibration = pd.read_parquet(analysis / "calibration")
-    chosen = calibration[calibration.recommended & (calibration.ckpt_hash == calibration.ckpt_hash.iloc[-1])]
+    import analyze
+
+    calibration = analyze.load(str(analysis)).get("calibration", pd.DataFrame(columns=["run", "epoch", "recommended"]))
+    chosen = calibration[calibration.recommended & (calibration.run == f"{family}-trunk") & (calibration.epoch == cut)]
     if len(chosen):
         lr, loc = float(chosen.lr.iloc[0]), float(chosen.localization.iloc[0])
         why = "the calibration's recommendation"
@@ -127,8 +129,6 @@ def main() -> int:
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     status = run(cmd)
-
-    import analyze
 
     llc = analyze.load(str(analysis))["llc"]
     llc = llc[(llc.lr == lr) & (llc.localization == loc)]

@@ -150,3 +150,25 @@ def test_calibration_recommends_the_largest_healthy_agreeing_step():
     assert bigger.empty
     assert table.set_index("lr").loc[1e-2, "diverged"] or not table.set_index("lr").loc[1e-2, "healthy"]
     assert abs(rec.llc_mean - 5) < 0.5
+
+
+def test_calibrate_command_writes_a_table_that_joins_the_analysis(tiny_ckpts, capsys):
+    """`analyze calibrate` writes through the analysis store: analyze.load() returns the table, and its
+    ckpt_hash is the one every estimator table uses for the same checkpoint."""
+    import analyze
+    from analyze.cli import main
+
+    ckpt = tiny_ckpts / "ffnn-1x8-trunk" / checkpoint_name(2)
+    assert main([str(tiny_ckpts), "--estimators", "evaluate", "--epochs", "2", "--runs", "*trunk",
+                 "--workers", "0", "--no-report"]) == 0
+    assert main(["calibrate", str(ckpt), "--lr", "1e-4", "--localization", "100", "--chains", "2",
+                 "--draws", "20", "--burnin", "5"]) == 0
+    assert "calibration table:" in capsys.readouterr().out
+    tables = analyze.load(tiny_ckpts / "analysis")
+    calibration, evaluate = tables["calibration"], tables["evaluate"]
+    assert len(calibration) == 1 and calibration.run.iloc[0] == "ffnn-1x8-trunk" and calibration.epoch.iloc[0] == 2
+    assert calibration.ckpt_hash.iloc[0] == evaluate.ckpt_hash.iloc[0]
+    # a rerun replaces its own rows rather than adding a second set
+    assert main(["calibrate", str(ckpt), "--lr", "1e-4", "--localization", "100", "--chains", "2",
+                 "--draws", "20", "--burnin", "5"]) == 0
+    assert len(analyze.load(tiny_ckpts / "analysis")["calibration"]) == 1

@@ -11,11 +11,18 @@ devinterp 2.0.1 pitfalls handled here:
 - it averages burn-in into its LLC and uses a few-batch init loss: we take only its per-step loss
   trace and compute LLC, WBIC and diagnostics ourselves, with the full-data L_n(w*);
 - it samples in train mode: the loss puts the model in eval mode on every call;
+- by default every chain sees the same minibatches (`match_sampling_input_ids_across_chains=True`),
+  so chains are not independent and R-hat and standard errors look better than they are: turned off,
+  each chain has its own batch order, as in the fast backend;
+- it always shows one progress bar per chain (devinterp.slt.sampler.trange, no option to turn it off):
+  the adapter swaps in a disabled trange for the call;
 - it imports transformers (~10 s): imported only when this backend runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +32,20 @@ import numpy as np
 import torch
 
 from analyze.sgld import SGLDSettings
+
+
+@contextlib.contextmanager
+def _quiet_chains():
+    """devinterp 2.0.1 draws a tqdm bar per chain with no way to turn it off; disable it for one call."""
+    from devinterp.slt import sampler as devinterp_sampler
+
+    original = devinterp_sampler.trange
+    devinterp_sampler.trange = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        devinterp_sampler.trange = original
+
 
 SAMPLERS = {"sgld": "sgmcmc_sgld", "rmsprop-sgld": "rmsprop_sgld"}
 
@@ -41,16 +62,18 @@ def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x
     def loss_by_index(net: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         net.eval()  # devinterp calls model.train() before sampling
         idx = input_ids[:, 0].to(x.device)
-        return per_sample_loss(net(x[idx]), y[idx]).unsqueeze(1)  # (batch, 1) "tokens"
+        return per_sample_loss(net(x.index_select(0, idx)), y.index_select(0, idx)).unsqueeze(1)  # (batch, 1) "tokens"
 
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
     folder = Path(tempfile.mkdtemp(prefix="devinterp-"))
     try:
-        tree = sample(model, rows, observables={}, lr=settings.lr, n_beta=settings.nbeta,
-                      num_chains=settings.chains, num_draws=settings.draws, num_burnin_steps=settings.burnin,
-                      batch_size=batch, localization=settings.localization, init_seed=settings.seed,
-                      num_init_loss_batches=1, sampling_method=SAMPLERS[sampler],
-                      device=str(x.device), output_path=folder / "samples.zarr", loss_fn=loss_by_index)
+        with _quiet_chains():
+            tree = sample(model, rows, observables={}, lr=settings.lr, n_beta=settings.nbeta,
+                          num_chains=settings.chains, num_draws=settings.draws, num_burnin_steps=settings.burnin,
+                          batch_size=batch, localization=settings.localization, init_seed=settings.seed,
+                          num_init_loss_batches=1, sampling_method=SAMPLERS[sampler],
+                          match_sampling_input_ids_across_chains=False,
+                          device=str(x.device), output_path=folder / "samples.zarr", loss_fn=loss_by_index)
         micro = tree.dataset["sampling_loss_micro"]  # (chain, step, batch_sampling, token_pos)
         trace = micro.mean(dim=[d for d in micro.dims if d not in ("chain", "step")]).values
         return np.asarray(trace, dtype=np.float64)

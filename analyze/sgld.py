@@ -4,7 +4,10 @@ Update (the same rule as devinterp and the seed study):
 
     w <- w - (eps / 2) * (nbeta * grad L_B(w) + gamma * (w - w*)) + sqrt(eps) * N(0, I)
 
-Chains are stacked along a leading axis and stepped with one vmapped gradient call. Each chain owns
+Chains are stacked along a leading axis: one vmapped forward pass (torch.func.functional_call under
+vmap) and one ordinary backward give every chain its gradient, and the update is applied in place.
+A chain costs about the same as a bare forward+backward pass plus its Gaussian draw
+(scripts/bench_llc.py). Each chain owns
 two generators (minibatch order and Gaussian noise) seeded from (seed, chain), so chain c is the same
 whatever the number of chains, and chains are independent. The recorded loss of a step is L_B at the
 point before the step (devinterp records the same), in eval mode (no dropout noise).
@@ -17,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 
 @dataclass(frozen=True)
@@ -57,49 +60,67 @@ class _BatchStream:
         return idx
 
 
-def sample_losses(model: torch.nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Tensor, y: torch.Tensor,
                   settings: SGLDSettings, progress=None) -> np.ndarray:
     """Run the chains; return the minibatch loss of every step, shape (chains, burnin + draws), float64.
+
+    `per_sample_loss(outputs, targets)` returns one loss per sample (reduction "none"); L_B is its mean.
 
     A chain whose loss becomes non-finite keeps NaN from then on (its parameters are frozen at NaN);
     the caller flags it instead of averaging it in.
     """
     model = model.eval()
-    device = next(model.parameters()).device
-    names = [n for n, p in model.named_parameters()]
-    w_star = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    C = settings.chains
-    w = {n: p.unsqueeze(0).repeat(C, *([1] * p.ndim)).clone() for n, p in w_star.items()}
-    sizes = [w_star[n].numel() for n in names]
+    names = [name for name, _ in model.named_parameters()]
+    w_star = [p.detach() for _, p in model.named_parameters()]
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    device, dtype = w_star[0].device, w_star[0].dtype
+    C, n = settings.chains, len(y)
+    # Chain-stacked parameters (chain axis first) are the leaves of the graph; w* is broadcast, not copied.
+    w = [p.unsqueeze(0).repeat(C, *([1] * p.ndim)).requires_grad_(True) for p in w_star]
+    anchor = [p.unsqueeze(0).expand_as(wc) for p, wc in zip(w_star, w)]
 
-    def loss_of(params, xb, yb):
-        return loss_fn(functional_call(model, (params, buffers), (xb,)), yb)
+    def forward(params, xb):
+        return functional_call(model, (dict(zip(names, params)), buffers), (xb,))
 
-    n = len(y)
     full_batch = settings.batch_size <= 0 or settings.batch_size >= n
-    step_fn = vmap(grad_and_value(loss_of), in_dims=(0, None, None) if full_batch else (0, 0, 0))
+    # vmap batches only the forward pass; the loss is taken outside it on (chains x batch) outputs (a
+    # vmapped cross-entropy runs a slow decomposition), and one ordinary backward of the summed chain
+    # losses gives every chain its own gradient (chains share no parameters), which is cheaper than
+    # vmapping grad() (scripts/bench_llc.py measures the result).
+    chain_outputs = vmap(forward, in_dims=(0, None) if full_batch else (0, 0))
+    y_all = y.unsqueeze(0).expand(C, *y.shape).reshape(C * n, *y.shape[1:]) if full_batch else None
+
+    def chain_losses(xb, yb):
+        out = chain_outputs(w, xb)  # (C, B, ...)
+        return per_sample_loss(out.flatten(0, 1), yb).view(C, -1).mean(dim=1)
+
     batches = [] if full_batch else [_BatchStream(n, settings.batch_size, chain_seed(settings.seed, c, 0))
                                      for c in range(C)]
     noise_gens = [torch.Generator(device=device).manual_seed(chain_seed(settings.seed, c, 1)) for c in range(C)]
-    P = sum(sizes)
-    half_eps, gamma, nbeta = settings.lr / 2, settings.localization, settings.nbeta
-    noise_scale = settings.lr ** 0.5
-    losses = np.empty((C, settings.steps), dtype=np.float64)
+    # One chain's N(0, I) draw over all parameters at a time, added while it is still in cache;
+    # `noise_views` cut it per parameter tensor.
+    sizes = [p.numel() for p in w_star]
+    noise = torch.empty(sum(sizes), device=device, dtype=dtype)
+    noise_views = [block.view_as(p) for block, p in zip(noise.split(sizes), w_star)]
+    pull, step, noise_scale = settings.lr / 2 * settings.localization, settings.lr / 2 * settings.nbeta, settings.lr ** 0.5
+    losses = torch.empty(C, settings.steps, dtype=torch.float64, device=device)
 
     for t in range(settings.steps):
         if full_batch:
-            grads, loss = step_fn(w, x, y)
+            loss = chain_losses(x, y_all)
         else:
-            idx = torch.stack([b.next() for b in batches]).to(x.device)  # (C, B)
-            grads, loss = step_fn(w, x[idx], y[idx])
-        losses[:, t] = loss.detach().double().cpu().numpy()
-        noise = torch.stack([torch.randn(P, generator=g, device=device, dtype=w_star[names[0]].dtype)
-                             for g in noise_gens]).split(sizes, dim=1)
-        with torch.no_grad():
-            for name, eta in zip(names, noise):
-                drift = nbeta * grads[name] + gamma * (w[name] - w_star[name])
-                w[name] = w[name] - half_eps * drift + noise_scale * eta.view_as(w[name])
+            idx = torch.cat([b.next() for b in batches]).to(x.device)  # chain after chain
+            # index_select is several times faster than fancy indexing for this gather
+            loss = chain_losses(x.index_select(0, idx).view(C, -1, *x.shape[1:]), y.index_select(0, idx))
+        grads = torch.autograd.grad(loss.sum(), w)
+        losses[:, t] = loss.detach()
+        with torch.no_grad():  # w <- w - (eps/2) (nbeta grad + gamma (w - w*)) + sqrt(eps) N(0, I), in place
+            for wc, a in zip(w, anchor):
+                wc.lerp_(a, pull)  # w - (eps/2) gamma (w - w*)
+            torch._foreach_add_(w, grads, alpha=-step)
+            for c, g in enumerate(noise_gens):
+                noise.normal_(generator=g)
+                torch._foreach_add_([wc[c] for wc in w], noise_views, alpha=noise_scale)
         if progress is not None:
             progress.update(1)
-    return losses
+    return losses.cpu().numpy()

@@ -96,7 +96,7 @@ class LLCEstimator(Estimator):
             from analyze.devinterp_backend import sample_losses_devinterp
 
             return sample_losses_devinterp(ctx.model, ctx.per_sample_loss, x, y, settings, self.opts["sampler"])
-        return sample_losses(ctx.model, ctx.loss_fn, x, y, settings)
+        return sample_losses(ctx.model, ctx.per_sample_loss, x, y, settings)
 
     def run(self, ctx: Context) -> dict[str, pd.DataFrame]:
         start = time.perf_counter()

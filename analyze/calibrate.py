@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_nbeta
+from analyze.sgld import SAMPLERS
 from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
 from trainer.data import DataError, load_dataset
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burnin", type=int, default=DEFAULTS["burnin"], help="burn-in steps (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="SGLD minibatch (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
+    ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
+                    help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
     ap.add_argument("--out", help="analysis folder for the `calibration` table (default: <ckpt dir>/../analysis)")
     ap.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     ap.add_argument("--data-root", help="override the dataset folder stored in the checkpoint")
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(path, "no such checkpoint file")
         ctx = context_for(path, args.device, args.data_root)
         common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
-                      seed=args.seed)
+                      seed=args.seed, sampler=args.sampler)
         table = calibrate(ctx, lrs, locs, nbetas, common)
     except (EstimatorError, CheckpointError, DataError) as e:
         print(f"analyze calibrate: error: {e}", file=sys.stderr)

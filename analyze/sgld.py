@@ -4,6 +4,12 @@ Update (the same rule as devinterp and the seed study):
 
     w <- w - (eps / 2) * (nbeta * grad L_B(w) + gamma * (w - w*)) + sqrt(eps) * N(0, I)
 
+`rmsprop-sgld` (Li et al. 2016, as devinterp 2 implements it) preconditions drift and noise with a
+running average V of the squared minibatch gradient, per chain and coordinate:
+
+    V <- alpha V + (1 - alpha) grad^2,   G = 1 / (sqrt(V) + delta)     (alpha 0.99, delta 0.1; V_0 = 0)
+    w <- w - (eps / 2) * G * (nbeta * grad L_B(w) + gamma * (w - w*)) + sqrt(eps * G) * N(0, I)
+
 Chains are stacked along a leading axis: one vmapped forward pass (torch.func.functional_call under
 vmap) and one ordinary backward give every chain its gradient, and the update is applied in place.
 A chain costs about the same as a bare forward+backward pass plus its Gaussian draw
@@ -33,10 +39,15 @@ class SGLDSettings:
     burnin: int  # discarded steps before the draws
     batch_size: int  # 0 or >= n: full-batch gradients
     seed: int
+    sampler: str = "sgld"  # or "rmsprop-sgld"
 
     @property
     def steps(self) -> int:
         return self.burnin + self.draws
+
+
+SAMPLERS = ("sgld", "rmsprop-sgld")
+RMSPROP_ALPHA, RMSPROP_DELTA = 0.99, 0.1  # devinterp 2's defaults
 
 
 def chain_seed(seed: int, chain: int, stream: int) -> int:
@@ -104,6 +115,10 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
     noise_views = [block.view_as(p) for block, p in zip(noise.split(sizes), w_star)]
     pull, step, noise_scale = settings.lr / 2 * settings.localization, settings.lr / 2 * settings.nbeta, settings.lr ** 0.5
     losses = torch.empty(C, settings.steps, dtype=torch.float64, device=device)
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    rmsprop = settings.sampler == "rmsprop-sgld"
+    square_avg = [torch.zeros_like(wc) for wc in w] if rmsprop else None
 
     for t in range(settings.steps):
         if full_batch:
@@ -114,13 +129,35 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
             loss = chain_losses(x.index_select(0, idx).view(C, -1, *x.shape[1:]), y.index_select(0, idx))
         grads = torch.autograd.grad(loss.sum(), w)
         losses[:, t] = loss.detach()
-        with torch.no_grad():  # w <- w - (eps/2) (nbeta grad + gamma (w - w*)) + sqrt(eps) N(0, I), in place
-            for wc, a in zip(w, anchor):
-                wc.lerp_(a, pull)  # w - (eps/2) gamma (w - w*)
-            torch._foreach_add_(w, grads, alpha=-step)
-            for c, g in enumerate(noise_gens):
-                noise.normal_(generator=g)
-                torch._foreach_add_([wc[c] for wc in w], noise_views, alpha=noise_scale)
+        with torch.no_grad():
+            if rmsprop:
+                rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, settings)
+            else:  # w <- w - (eps/2) (nbeta grad + gamma (w - w*)) + sqrt(eps) N(0, I), in place
+                for wc, a in zip(w, anchor):
+                    wc.lerp_(a, pull)  # w - (eps/2) gamma (w - w*)
+                torch._foreach_add_(w, grads, alpha=-step)
+                for c, g in enumerate(noise_gens):
+                    noise.normal_(generator=g)
+                    torch._foreach_add_([wc[c] for wc in w], noise_views, alpha=noise_scale)
         if progress is not None:
             progress.update(1)
     return losses.cpu().numpy()
+
+
+def rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, settings: SGLDSettings) -> None:
+    """One RMSProp-SGLD update of every chain, in place (see the module docstring)."""
+    torch._foreach_mul_(square_avg, RMSPROP_ALPHA)
+    torch._foreach_addcmul_(square_avg, grads, grads, value=1 - RMSPROP_ALPHA)
+    precond = torch._foreach_sqrt(square_avg)
+    torch._foreach_add_(precond, RMSPROP_DELTA)
+    torch._foreach_reciprocal_(precond)  # G
+    drift = torch._foreach_sub(w, anchor)
+    torch._foreach_mul_(drift, settings.localization)
+    torch._foreach_add_(drift, grads, alpha=settings.nbeta)
+    torch._foreach_mul_(drift, precond)
+    torch._foreach_add_(w, drift, alpha=-settings.lr / 2)
+    torch._foreach_sqrt_(precond)  # sqrt(G)
+    for c, g in enumerate(noise_gens):
+        noise.normal_(generator=g)
+        torch._foreach_addcmul_([wc[c] for wc in w], noise_views, [pc[c] for pc in precond],
+                                value=settings.lr ** 0.5)

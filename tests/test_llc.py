@@ -57,14 +57,42 @@ def test_regular_model_llc_is_half_the_dimension(d):
     assert row.rhat < 1.1 and not row.diverged and not row.left_basin and row.wbic_exact
 
 
-def test_fast_and_devinterp_backends_agree(mlp_context):
-    common = dict(chains=4, draws=800, burnin=300, lr=1e-4, localization=100.0, batch_size=128, seed=1)
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
+def test_fast_and_devinterp_backends_agree(mlp_context, sampler):
+    common = dict(chains=4, draws=800, burnin=300, lr=1e-4, localization=100.0, batch_size=128, seed=1,
+                  sampler=sampler)
     fast = LLCEstimator(backend="fast", **common).run(mlp_context)["llc"].iloc[0]
     ref = LLCEstimator(backend="devinterp", **common).run(mlp_context)["llc"].iloc[0]
     assert fast.init_loss == ref.init_loss  # both use the full-data L_n(w*)
     tolerance = 3 * math.hypot(fast.llc_sem, ref.llc_sem) + 0.05 * abs(ref.llc_mean)
     assert abs(fast.llc_mean - ref.llc_mean) <= tolerance, (fast.llc_mean, ref.llc_mean, tolerance)
     assert ref.backend == "devinterp" and fast.backend == "fast"
+
+
+def test_devinterp_adapter_gives_chains_fresh_independent_batches():
+    """devinterp 2.0.1 replays its first epoch's batches forever and gives every chain the same ones;
+    through the adapter, no batch comes back one epoch later and the two chains' batches differ."""
+    from analyze.devinterp_backend import sample_losses_devinterp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, labels = torch.randn(200, 3), torch.randint(0, 2, (200,))
+    seen: list[frozenset] = []
+
+    def recording_loss(out, ids):  # the adapter's targets are the sample ids themselves here
+        seen.append(frozenset(ids.tolist()))
+        return torch.nn.functional.cross_entropy(out, labels[ids], reduction="none")
+
+    steps, batch = 24, 50
+    settings = SGLDSettings(lr=1e-4, localization=10.0, nbeta=10.0, chains=2, draws=steps, burnin=0,
+                            batch_size=batch, seed=0)
+    traces = sample_losses_devinterp(model, recording_loss, x, torch.arange(200), settings)
+    assert traces.shape == (2, steps) and np.isfinite(traces).all()
+    chain0, chain1 = seen[-2 * steps:-steps], seen[-steps:]  # devinterp's init-loss batch comes first
+    assert all(len(b) <= batch for b in chain0 + chain1)
+    per_epoch = 200 // batch
+    assert not any(chain0[t] == chain0[t + per_epoch] for t in range(steps - per_epoch))
+    assert not any(a == b for a, b in zip(chain0, chain1))
 
 
 def test_wbic_identity(mlp_context):
@@ -78,26 +106,32 @@ def test_wbic_identity(mlp_context):
     assert exact.wbic_exact
 
 
-def test_sampler_follows_the_update_rule_exactly():
-    """Three full-batch steps of the vmapped sampler equal the SGLD rule written out for each chain,
-    with each chain's own noise stream: w <- w - eps/2 (nbeta grad L(w) + gamma (w - w*)) + sqrt(eps) N."""
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
+def test_sampler_follows_the_update_rule_exactly(sampler):
+    """Three full-batch steps of the vmapped sampler equal the update rule written out for each chain,
+    with each chain's own noise stream: w <- w - eps/2 G (nbeta grad L(w) + gamma (w - w*)) + sqrt(eps G) N,
+    G = 1 for SGLD and 1 / (sqrt(V) + 0.1) with V <- 0.99 V + 0.01 grad^2 for RMSProp-SGLD (devinterp's)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).eval()
     x, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
-    settings = SGLDSettings(lr=1e-3, localization=30.0, nbeta=20.0, chains=2, draws=3, burnin=0, batch_size=0, seed=4)
+    settings = SGLDSettings(lr=1e-3, localization=30.0, nbeta=20.0, chains=2, draws=3, burnin=0, batch_size=0,
+                            seed=4, sampler=sampler)
     per_sample = nll_loss("classification", reduction="none")
     traces = sample_losses(model, per_sample, x, y, settings)
     names, w_star = zip(*[(name, p.detach().clone()) for name, p in model.named_parameters()])
     for c in range(2):
         noise = torch.Generator().manual_seed(chain_seed(4, c, 1))
         w = [p.clone().requires_grad_(True) for p in w_star]
+        v = [torch.zeros_like(p) for p in w_star]
         for t in range(3):
             loss = per_sample(torch.func.functional_call(model, dict(zip(names, w)), (x,)), y).mean()
             assert traces[c, t] == pytest.approx(loss.item(), rel=1e-6)
             grads = torch.autograd.grad(loss, w)
             eta = torch.empty(sum(p.numel() for p in w)).normal_(generator=noise).split([p.numel() for p in w])
-            w = [(p - 0.5e-3 * (20.0 * g + 30.0 * (p - p0)) + 1e-3 ** 0.5 * e.view_as(p)).detach().requires_grad_(True)
-                 for p, g, p0, e in zip(w, grads, w_star, eta)]
+            v = [0.99 * vi + 0.01 * g ** 2 for vi, g in zip(v, grads)]
+            G = [1 / (vi.sqrt() + 0.1) if sampler == "rmsprop-sgld" else torch.ones_like(vi) for vi in v]
+            w = [(p - 0.5e-3 * Gi * (20.0 * g + 30.0 * (p - p0)) + (1e-3 * Gi).sqrt() * e.view_as(p))
+                 .detach().requires_grad_(True) for p, g, p0, e, Gi in zip(w, grads, w_star, eta, G)]
 
 
 def test_reproducible_and_independent_chains(mlp_context):
@@ -152,7 +186,7 @@ def test_chain_table_thinning_and_burnin(mlp_context):
 @pytest.mark.parametrize("options, flag", [
     (dict(nbeta="lots"), "--llc-nbeta"),
     (dict(nbeta="-3"), "--llc-nbeta"),
-    (dict(sampler="rmsprop-sgld"), "--llc-sampler"),
+    (dict(sampler="sgnht"), "--llc-sampler"),
     (dict(backend="jax"), "--llc-backend"),
     (dict(chains="two"), "--llc-chains"),
     (dict(colour=1), "--llc-colour"),

@@ -15,7 +15,7 @@ import torch
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
 from analyze.llc_stats import summarize
-from analyze.sgld import SGLDSettings, sample_losses
+from analyze.sgld import SAMPLERS, SGLDSettings, sample_losses
 
 # Defaults chosen with `analyze calibrate` on the demo's checkpoints (README, "Calibrating the LLC").
 DEFAULTS = dict(chains=4, draws=400, burnin=300, lr=3e-4, localization=100.0, batch_size=128)
@@ -64,8 +64,8 @@ class LLCEstimator(Estimator):
         Option("nbeta", str, "n/log n", "inverse temperature times n: a number, or 'n/log n' (WBIC's)"),
         Option("batch_size", int, DEFAULTS["batch_size"], "SGLD minibatch size; 0 = full-batch gradients"),
         Option("seed", int, 0, "seed of the chains' batches and noise"),
-        Option("sampler", str, "sgld", "sgld, or rmsprop-sgld (devinterp backend only)",
-               choices=("sgld", "rmsprop-sgld")),
+        Option("sampler", str, "sgld", "sgld, or rmsprop-sgld (diagonal RMSProp preconditioning, as devinterp's)",
+               choices=SAMPLERS),
         Option("backend", str, "fast", "fast (this project's vmapped sampler) or devinterp (the reference)",
                choices=("fast", "devinterp")),
         Option("thin", int, 1, "keep every k-th step in llc_chains"),
@@ -80,22 +80,20 @@ class LLCEstimator(Estimator):
             raise EstimatorError("--llc-burnin and --llc-batch-size must be >= 0")
         if not (o["lr"] > 0 and o["localization"] >= 0):
             raise EstimatorError("--llc-lr must be > 0 and --llc-localization >= 0")
-        if o["sampler"] != "sgld" and o["backend"] != "devinterp":
-            raise EstimatorError(f"--llc-sampler {o['sampler']} needs --llc-backend devinterp")
         parse_nbeta(o["nbeta"], 100)  # syntax check; the value depends on n
 
     def settings(self, n: int) -> SGLDSettings:
         o = self.opts
         return SGLDSettings(lr=o["lr"], localization=o["localization"], nbeta=parse_nbeta(o["nbeta"], n),
                             chains=o["chains"], draws=o["draws"], burnin=o["burnin"],
-                            batch_size=o["batch_size"], seed=o["seed"])
+                            batch_size=o["batch_size"], seed=o["seed"], sampler=o["sampler"])
 
     def sample(self, ctx: Context, settings: SGLDSettings) -> np.ndarray:
         x, y = ctx.splits.train.x.to(ctx.device), ctx.splits.train.y.to(ctx.device)
         if self.opts["backend"] == "devinterp":
             from analyze.devinterp_backend import sample_losses_devinterp
 
-            return sample_losses_devinterp(ctx.model, ctx.per_sample_loss, x, y, settings, self.opts["sampler"])
+            return sample_losses_devinterp(ctx.model, ctx.per_sample_loss, x, y, settings)
         return sample_losses(ctx.model, ctx.per_sample_loss, x, y, settings)
 
     def run(self, ctx: Context) -> dict[str, pd.DataFrame]:

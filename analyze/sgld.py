@@ -108,11 +108,10 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
     batches = [] if full_batch else [_BatchStream(n, settings.batch_size, chain_seed(settings.seed, c, 0))
                                      for c in range(C)]
     noise_gens = [torch.Generator(device=device).manual_seed(chain_seed(settings.seed, c, 1)) for c in range(C)]
-    # One chain's N(0, I) draw over all parameters at a time, added while it is still in cache;
-    # `noise_views` cut it per parameter tensor.
+    # Row c of `noise` is chain c's N(0, I) draw over all parameters; `noise_views` cut it per tensor.
     sizes = [p.numel() for p in w_star]
-    noise = torch.empty(sum(sizes), device=device, dtype=dtype)
-    noise_views = [block.view_as(p) for block, p in zip(noise.split(sizes), w_star)]
+    noise = torch.empty(C, sum(sizes), device=device, dtype=dtype)
+    noise_views = [block.view_as(wc) for block, wc in zip(noise.split(sizes, dim=1), w)]
     pull, step, noise_scale = settings.lr / 2 * settings.localization, settings.lr / 2 * settings.nbeta, settings.lr ** 0.5
     losses = torch.empty(C, settings.steps, dtype=torch.float64, device=device)
     if settings.sampler not in SAMPLERS:
@@ -136,9 +135,9 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
                 for wc, a in zip(w, anchor):
                     wc.lerp_(a, pull)  # w - (eps/2) gamma (w - w*)
                 torch._foreach_add_(w, grads, alpha=-step)
-                for c, g in enumerate(noise_gens):
-                    noise.normal_(generator=g)
-                    torch._foreach_add_([wc[c] for wc in w], noise_views, alpha=noise_scale)
+                for row, g in zip(noise, noise_gens):
+                    row.normal_(generator=g)
+                torch._foreach_add_(w, noise_views, alpha=noise_scale)
         if progress is not None:
             progress.update(1)
     return losses.cpu().numpy()
@@ -157,7 +156,6 @@ def rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, s
     torch._foreach_mul_(drift, precond)
     torch._foreach_add_(w, drift, alpha=-settings.lr / 2)
     torch._foreach_sqrt_(precond)  # sqrt(G)
-    for c, g in enumerate(noise_gens):
-        noise.normal_(generator=g)
-        torch._foreach_addcmul_([wc[c] for wc in w], noise_views, [pc[c] for pc in precond],
-                                value=settings.lr ** 0.5)
+    for row, g in zip(noise, noise_gens):
+        row.normal_(generator=g)
+    torch._foreach_addcmul_(w, noise_views, precond, value=settings.lr ** 0.5)

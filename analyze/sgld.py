@@ -112,7 +112,6 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
     sizes = [p.numel() for p in w_star]
     noise = torch.empty(C, sum(sizes), device=device, dtype=dtype)
     noise_views = [block.view_as(wc) for block, wc in zip(noise.split(sizes, dim=1), w)]
-    pull, step, noise_scale = settings.lr / 2 * settings.localization, settings.lr / 2 * settings.nbeta, settings.lr ** 0.5
     losses = torch.empty(C, settings.steps, dtype=torch.float64, device=device)
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -129,21 +128,26 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
         grads = torch.autograd.grad(loss.sum(), w)
         losses[:, t] = loss.detach()
         with torch.no_grad():
+            for row, g in zip(noise, noise_gens):
+                row.normal_(generator=g)
             if rmsprop:
-                rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, settings)
-            else:  # w <- w - (eps/2) (nbeta grad + gamma (w - w*)) + sqrt(eps) N(0, I), in place
-                for wc, a in zip(w, anchor):
-                    wc.lerp_(a, pull)  # w - (eps/2) gamma (w - w*)
-                torch._foreach_add_(w, grads, alpha=-step)
-                for row, g in zip(noise, noise_gens):
-                    row.normal_(generator=g)
-                torch._foreach_add_(w, noise_views, alpha=noise_scale)
+                rmsprop_step(w, anchor, grads, noise_views, square_avg, settings)
+            else:
+                sgld_step(w, anchor, grads, noise_views, settings)
         if progress is not None:
             progress.update(1)
     return losses.cpu().numpy()
 
 
-def rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, settings: SGLDSettings) -> None:
+def sgld_step(w, anchor, grads, noise, settings: SGLDSettings) -> None:
+    """w <- w - (eps/2) (nbeta grad + gamma (w - w*)) + sqrt(eps) noise, every chain, in place."""
+    for wc, a in zip(w, anchor):
+        wc.lerp_(a, settings.lr / 2 * settings.localization)  # w - (eps/2) gamma (w - w*), one pass
+    torch._foreach_add_(w, grads, alpha=-settings.lr / 2 * settings.nbeta)
+    torch._foreach_add_(w, noise, alpha=settings.lr ** 0.5)
+
+
+def rmsprop_step(w, anchor, grads, noise, square_avg, settings: SGLDSettings) -> None:
     """One RMSProp-SGLD update of every chain, in place (see the module docstring)."""
     torch._foreach_mul_(square_avg, RMSPROP_ALPHA)
     torch._foreach_addcmul_(square_avg, grads, grads, value=1 - RMSPROP_ALPHA)
@@ -156,6 +160,4 @@ def rmsprop_step(w, anchor, grads, square_avg, noise, noise_views, noise_gens, s
     torch._foreach_mul_(drift, precond)
     torch._foreach_add_(w, drift, alpha=-settings.lr / 2)
     torch._foreach_sqrt_(precond)  # sqrt(G)
-    for row, g in zip(noise, noise_gens):
-        row.normal_(generator=g)
-    torch._foreach_addcmul_(w, noise_views, precond, value=settings.lr ** 0.5)
+    torch._foreach_addcmul_(w, noise, precond, value=settings.lr ** 0.5)

@@ -41,6 +41,10 @@ class SGLDSettings:
     seed: int
     sampler: str = "sgld"  # or "rmsprop-sgld"
 
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
+
     @property
     def steps(self) -> int:
         return self.burnin + self.draws
@@ -113,8 +117,6 @@ def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Te
     noise = torch.empty(C, sum(sizes), device=device, dtype=dtype)
     noise_views = [block.view_as(wc) for block, wc in zip(noise.split(sizes, dim=1), w)]
     losses = torch.empty(C, settings.steps, dtype=torch.float64, device=device)
-    if settings.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {settings.sampler!r}; choose from {', '.join(SAMPLERS)}")
     rmsprop = settings.sampler == "rmsprop-sgld"
     square_avg = [torch.zeros_like(wc) for wc in w] if rmsprop else None
 

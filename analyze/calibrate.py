@@ -70,7 +70,7 @@ def calibrate(ctx: Context, lrs: list[float], localizations: list[float], nbetas
         ref = small["llc_mean"]
         agrees = bool(pd.notna(ref) and pd.notna(r["llc_mean"]) and ref != 0
                       and abs(r["llc_mean"] - ref) <= AGREEMENT * abs(ref))
-        rows.append({"lr": lr, "localization": loc, "nbeta_option": nb, "nbeta": r["nbeta"],
+        rows.append({"sampler": r["sampler"], "lr": lr, "localization": loc, "nbeta_option": nb, "nbeta": r["nbeta"],
                      "llc_mean": r["llc_mean"], "llc_std": r["llc_std"], "llc_sem": r["llc_sem"],
                      "rhat": r["rhat"], "ess": r["ess"], "diverged": r["diverged"], "left_basin": r["left_basin"],
                      "healthy": healthy(r), "llc_at_third_step": ref, "agrees_with_third_step": agrees,
@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]
-        print(f"\nrecommended: --llc-lr {r.lr:g} --llc-localization {r.localization:g} --llc-nbeta '{r.nbeta_option}'"
-              f"   (LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; at lr/3: {r.llc_at_third_step:.3g})")
+        sampler = "" if r.sampler == "sgld" else f" --llc-sampler {r.sampler}"
+        print(f"\nrecommended:{sampler} --llc-lr {r.lr:g} --llc-localization {r.localization:g} "
+              f"--llc-nbeta '{r.nbeta_option}'   "
+              f"(LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; at lr/3: {r.llc_at_third_step:.3g})")
     else:
         print("\nno setting qualifies: none plateaus in the basin with R-hat < 1.1 and agrees within 10% with a 3x "
               "smaller step; try smaller steps, more draws or burn-in, or other localizations")

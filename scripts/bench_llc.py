@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chains", type=int, default=4, help="SGLD chains (default: %(default)s)")
     parser.add_argument("--draws", type=int, default=200, help="steps per chain (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is shown (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats; the median is shown (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as analyze workers)")
     parser.add_argument("--cases", default="a,b,c", help="which cases to run (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -69,7 +69,8 @@ class _RowIndices(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i]}
 
 
-SAMPLERS = {"sgld": "sgmcmc_sgld", "rmsprop-sgld": "rmsprop_sgld"}
+# analyze.sgld.SAMPLERS -> devinterp's sampling_method names
+DEVINTERP_METHODS = {"sgld": "sgmcmc_sgld", "rmsprop-sgld": "rmsprop_sgld"}
 
 
 def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Tensor,
@@ -96,7 +97,7 @@ def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x
             tree = sample(model, rows, observables={}, lr=settings.lr, n_beta=settings.nbeta,
                           num_chains=settings.chains, num_draws=settings.draws, num_burnin_steps=settings.burnin,
                           batch_size=batch, localization=settings.localization, init_seed=settings.seed,
-                          num_init_loss_batches=1, sampling_method=SAMPLERS[settings.sampler],
+                          num_init_loss_batches=1, sampling_method=DEVINTERP_METHODS[settings.sampler],
                           match_sampling_input_ids_across_chains=False,
                           device=str(x.device), output_path=folder / "samples.zarr", loss_fn=loss_by_index)
         micro = tree.dataset["sampling_loss_micro"]  # (chain, step, batch_sampling, token_pos)

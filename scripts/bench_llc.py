@@ -25,6 +25,7 @@ every case. PASS/FAIL is printed; the exit status is 0 either way (timings on a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -95,7 +96,7 @@ def time_case(key: str, args, workdir: Path) -> dict:
         "bare": lambda: bare_passes(ctx, settings),
         "bare+noise": lambda: bare_passes(ctx, settings, noise=True),
     }
-    warm = SGLDSettings(**{**settings.__dict__, "draws": 5})
+    warm = dataclasses.replace(settings, draws=5)
     sample_losses(ctx.model, ctx.per_sample_loss, x, y, warm)  # imports, torch.func and devinterp set-up
     sample_losses_devinterp(ctx.model, ctx.per_sample_loss, x, y, warm)
     times: dict[str, list[float]] = {m: [] for m in methods}

@@ -2,7 +2,8 @@
 recommendation.
 
 For every grid point the chains also run at a 3x smaller step. A setting is *healthy* when no chain
-diverged or left the basin and R-hat < 1.1 (the chains plateau and agree). The recommendation is the
+diverged or left the basin, the chains did not find loss clearly below the checkpoint's (which would
+mean it is not at a local minimum, `not_at_minimum`) and R-hat < 1.1 (the chains plateau and agree). The recommendation is the
 largest healthy step whose LLC agrees within 10% with the estimate at a 3x smaller step (SGLD's
 step-size bias is large even when chains plateau), preferring the weakest localization at that step
 (strong localization biases the estimate low) and the nbeta given first.
@@ -52,7 +53,7 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
 
 
 def healthy(row) -> bool:
-    return bool(not row["diverged"] and not row["left_basin"] and row["rhat"] < RHAT_MAX)
+    return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"] and row["rhat"] < RHAT_MAX)
 
 
 def calibrate(ctx: Context, lrs: list[float], localizations: list[float], nbetas: list[str],
@@ -73,6 +74,7 @@ def calibrate(ctx: Context, lrs: list[float], localizations: list[float], nbetas
         rows.append({"sampler": r["sampler"], "lr": lr, "localization": loc, "nbeta_option": nb, "nbeta": r["nbeta"],
                      "llc_mean": r["llc_mean"], "llc_std": r["llc_std"], "llc_sem": r["llc_sem"],
                      "rhat": r["rhat"], "ess": r["ess"], "diverged": r["diverged"], "left_basin": r["left_basin"],
+                     "not_at_minimum": r["not_at_minimum"],
                      "healthy": healthy(r), "llc_at_third_step": ref, "agrees_with_third_step": agrees,
                      "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]})
     table = pd.DataFrame(rows)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out = store.root
 
     shown = table[["lr", "localization", "nbeta", "llc_mean", "llc_sem", "llc_at_third_step", "rhat", "diverged",
-                   "left_basin", "healthy", "agrees_with_third_step", "recommended"]]
+                   "left_basin", "not_at_minimum", "healthy", "agrees_with_third_step", "recommended"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     rec = table[table.recommended]
     if len(rec):
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrecommended:{sampler} --llc-lr {r.lr:g} --llc-localization {r.localization:g} "
               f"--llc-nbeta '{r.nbeta_option}'   "
               f"(LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; at lr/3: {r.llc_at_third_step:.3g})")
+    elif table.not_at_minimum.all():
+        print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
+              "checkpoint, LLC < 0 by > 3 standard errors), so its LLC is not defined; calibrate on a trained checkpoint")
     else:
         print("\nno setting qualifies: none plateaus in the basin with R-hat < 1.1 and agrees within 10% with a 3x "
               "smaller step; try smaller steps, more draws or burn-in, or other localizations")

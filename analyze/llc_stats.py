@@ -12,6 +12,11 @@ the surviving chains (per-chain values stay available).
 `left_basin` (per chain): over the kept draws, the loss has climbed more than half of the way from
 L_n(w*) to chance level (uniform prediction, or predicting the mean target), or it is still rising
 (last quarter above the third quarter by > 2% of that gap) after climbing more than 20% of it.
+
+`not_at_minimum`: the LLC is below zero by more than 3 standard errors, i.e. the chains found lower
+loss than L_n(w*) within the localization's reach, so w* is not a local minimum and the LLC is not
+defined there (early checkpoints, where the loss is still falling). The chains then descend to
+different places and R-hat stays high however long they run: it says nothing about the settings.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 LEFT_BASIN_LEVEL = 0.5
 RISING_LEVEL = 0.2
 RISING_DRIFT = 0.02
+NOT_AT_MINIMUM_SE = 3.0
 
 
 def _arviz():
@@ -70,4 +76,10 @@ def summarize(kept: np.ndarray, init_loss: float, nbeta: float, n: int, chance_l
             row["llc_sem"] = float(nbeta * az.mcse(data, method="mean")["x"].values)
     else:
         row.update(rhat=math.nan, ess=math.nan, llc_sem=math.nan)
+    row["not_at_minimum"] = not_at_minimum(row["llc_mean"], row["llc_sem"])
     return row
+
+
+def not_at_minimum(llc_mean: float, llc_sem: float) -> bool:
+    """The LLC is below zero by more than NOT_AT_MINIMUM_SE standard errors (see the module docstring)."""
+    return bool(np.isfinite(llc_sem) and llc_mean < -NOT_AT_MINIMUM_SE * llc_sem)

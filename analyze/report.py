@@ -47,6 +47,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from analyze.llc_stats import not_at_minimum
 from analyze.xcorr import (DEFAULT_PAIRS, XCORR_TABLE, compute_xcorr, epoch_end_rows, epoch_end_steps,
                            lineage, own_series, run_parents)
 
@@ -525,16 +526,21 @@ class ReportBuilder:
                 continue
             sem = self.joined(run, self.column(run, "llc", "llc_sem"), lambda r: self.column(r, "llc", "llc_sem"))
             sem = sem.reindex(llc.index)
+            # hollow markers where w* is not a local minimum (the LLC is undefined there)
+            undefined = [not_at_minimum(v, e) for v, e in zip(llc.to_numpy(), sem.to_numpy())]
             fig.add_trace(go.Scatter(x=llc.index, y=llc.to_numpy(), mode="lines+markers", name=f"{self.label(run)} LLC",
-                                     line=dict(color=self.color(run), width=2.5), marker=dict(size=6),
+                                     line=dict(color=self.color(run), width=2.5),
+                                     marker=dict(size=6, symbol=["circle-open" if u else "circle" for u in undefined]),
                                      error_y=dict(type="data", array=sem.fillna(0).to_numpy(), visible=True,
                                                   thickness=1.2, width=3),
-                                     hovertemplate="epoch %{x}<br>LLC %{y:.4g}<extra></extra>"), secondary_y=False)
+                                     customdata=["<br>not at a local minimum" if u else "" for u in undefined],
+                                     hovertemplate="epoch %{x}<br>LLC %{y:.4g}%{customdata}<extra></extra>"),
+                          secondary_y=False)
             self._add_val_loss(fig, run)
         if not fig.data:
             return None
         self._cut_lines(fig, family)
-        self._style(fig, "LLC (± s.e.m.) and validation loss", "epoch", "LLC  λ̂", secondary=True)
+        self._style(fig, "LLC (± s.e.m.; hollow: not at a local minimum) and validation loss", "epoch", "LLC  λ̂", secondary=True)
         fig.update_yaxes(title_text="validation loss", secondary_y=True, showgrid=False)
         return fig
 
@@ -897,7 +903,7 @@ class ReportBuilder:
         if not len(cal):
             return None
         order = ["run", "epoch", "sampler", "lr", "localization", "nbeta_option", "nbeta", "llc_mean", "llc_std", "llc_sem",
-                 "rhat", "ess", "diverged", "left_basin", "healthy", "llc_at_third_step", "agrees_with_third_step",
+                 "rhat", "ess", "diverged", "left_basin", "not_at_minimum", "healthy", "llc_at_third_step", "agrees_with_third_step",
                  "init_loss", "mean_sampled_loss", "recommended"]
         cols = [c for c in order if c in cal] + [c for c in cal if c not in order and c not in
                                                    ("optimizer", "step", "ckpt_hash", "config_hash")]
@@ -922,11 +928,20 @@ class ReportBuilder:
                     items.append(f"LLC {where}: chains left the basin" + (f" ({n})" if _present(n) else "") +
                                  " — sampled loss near chance; the estimate is not local")
                 rhat = r.get("rhat")
-                if _present(rhat) and rhat > RHAT_WARN:
-                    items.append(f"LLC {where}: R-hat {rhat:.3f} > {RHAT_WARN} — chains disagree; more draws or chains")
-                if _present(r.get("llc_mean")) and r["llc_mean"] < 0:
-                    items.append(f"LLC {where}: negative LLC {r['llc_mean']:.3g} — the sampler found lower loss than "
-                                 "the checkpoint (not at a minimum, or step size too large)")
+                high_rhat = _present(rhat) and rhat > RHAT_WARN
+                flagged = r.get("not_at_minimum")
+                if not _present(flagged):  # tables written before the flag existed
+                    flagged = _present(r.get("llc_mean")) and not_at_minimum(r["llc_mean"], r.get("llc_sem", math.nan))
+                if _true(flagged):
+                    # R-hat is high here because the chains descend; more draws would not fix it
+                    items.append(f"LLC {where}: not at a local minimum — the chains found lower loss than the "
+                                 f"checkpoint (LLC {r['llc_mean']:.3g} ± {r['llc_sem']:.2g}); the LLC is not defined here"
+                                 + (f" (R-hat {rhat:.3f} reflects the descent)" if high_rhat else ""))
+                else:
+                    if high_rhat:
+                        items.append(f"LLC {where}: R-hat {rhat:.3f} > {RHAT_WARN} — chains disagree; more draws or chains")
+                    if _present(r.get("llc_mean")) and r["llc_mean"] < 0:
+                        items.append(f"LLC {where}: negative LLC {r['llc_mean']:.3g}, within 3 standard errors of 0")
         h = self._main("hessian")
         if h is not None and "lambda_max" in h:
             for r in h[h["run"].astype(str).isin(runs)].sort_values(["run", "step"]).to_dict("records"):

@@ -12,7 +12,7 @@ import torch
 from analyze.calibrate import calibrate, context_for
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator
-from analyze.llc_stats import chain_left_basin
+from analyze.llc_stats import chain_left_basin, not_at_minimum
 from analyze.sgld import SGLDSettings, chain_seed, sample_losses
 from conftest import make_ckpts
 from trainer.checkpoints import checkpoint_name
@@ -55,6 +55,7 @@ def test_regular_model_llc_is_half_the_dimension(d):
     assert abs(row.llc_mean - d / 2) < 0.1 * d / 2
     assert abs(row.llc_mean - d / 2) < 4 * row.llc_sem + 0.03 * d / 2  # and consistent with its own error
     assert row.rhat < 1.1 and not row.diverged and not row.left_basin and row.wbic_exact
+    assert not row.not_at_minimum
 
 
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
@@ -163,6 +164,18 @@ def test_left_basin_is_detected(mlp_context):
     assert row.mean_sampled_loss > row.init_loss + 0.5 * (row.chance_loss - row.init_loss)
 
 
+def test_untrained_checkpoint_is_flagged_not_at_a_minimum(mlp_context):
+    """At initialisation the chains descend below L_n(w*): the LLC is undefined there and says so;
+    the trained checkpoint of the same run is not flagged."""
+    settings = dict(chains=2, draws=100, burnin=50)
+    init = context_for(mlp_context.checkpoint.path.parent / checkpoint_name(0))
+    row = LLCEstimator(**settings).run(init)["llc"].iloc[0]
+    assert row.not_at_minimum and row.mean_sampled_loss < row.init_loss
+    trained = LLCEstimator(**settings).run(mlp_context)["llc"].iloc[0]
+    assert not trained.not_at_minimum and trained.llc_mean > 0
+    assert not_at_minimum(-2.0, 0.5) and not not_at_minimum(-1.0, 0.5) and not not_at_minimum(-5.0, math.nan)
+
+
 def test_left_basin_rule_on_synthetic_traces():
     rng = np.random.default_rng(0)
     flat = 0.1 + 0.01 * rng.standard_normal(400)
@@ -229,3 +242,13 @@ def test_calibrate_command_writes_a_table_that_joins_the_analysis(tiny_ckpts, ca
     assert main(["calibrate", str(ckpt), "--lr", "1e-4", "--localization", "100", "--chains", "2",
                  "--draws", "20", "--burnin", "5"]) == 0
     assert len(analyze.load(tiny_ckpts / "analysis")["calibration"]) == 1
+
+
+def test_calibrate_says_when_the_checkpoint_is_not_at_a_minimum(mlp_context, tmp_path, capsys):
+    from analyze.cli import main
+
+    init = mlp_context.checkpoint.path.parent / checkpoint_name(0)
+    assert main(["calibrate", str(init), "--lr", "3e-4", "--localization", "100", "--chains", "2",
+                 "--draws", "100", "--burnin", "50", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "is not at a local minimum" in out and "recommended:" not in out

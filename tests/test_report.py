@@ -111,6 +111,8 @@ def make_analysis(root: Path, standard: bool = True) -> Path:
         mid = step != STEPS_PER_EPOCH * e
         v = val_loss(run, e)
         lam = 999.0 if mid else llc_value(run, e)  # a mid-epoch checkpoint must never land on an epoch's point
+        if run == STD_NGD and e == 0:
+            lam = -30.0  # an untrained checkpoint: the chains find lower loss (no not_at_minimum column: old table)
         diverged = run == NGD and e == LAST
         add("evaluate", _rows(run, opt, e, step, "ev", pd.DataFrame({
             "split": ["train", "val", "test"], "loss": [v - 0.05, v, v + 0.01], "accuracy": [0.9, 0.85, 0.84],
@@ -216,6 +218,7 @@ def test_report_has_every_section(report, analysis):
     # calibration table with the recommended row highlighted, diagnostics, settings
     assert "LLC calibration" in text and 'class="hl"' in text
     assert "sampler diverged" in text and "R-hat 1.400" in text
+    assert text.count("not at a local minimum — the chains found lower loss") == 1 and "(LLC -30 ± 0.2)" in text
     assert "synthetic failure: out of memory" in text
     assert "Settings" in text and "localization" in text and "n_probes" in text and "momentum" in text
     assert "calibration: not computed for this family" in text  # the standard family has none
@@ -233,6 +236,9 @@ def test_epochs_are_aligned_and_branches_start_at_the_cutoff(analysis):
     np.testing.assert_allclose(ngd.y, [llc_value(TRUNK, 3)] + [llc_value(NGD, e) for e in (4, 5, 6)])
     assert list(llc["ngd after swap val loss"].x) == [3, 4, 5, 6]
     assert np.all(np.asarray(ngd.error_y.array) == pytest.approx(0.2))
+    assert set(trunk.marker.symbol) == {"circle"}
+    std = next(t for t in figs[f"fig-{STD_FAMILY}-llc"].data if t.name.endswith("LLC") and "ngd" in t.name)
+    assert list(std.marker.symbol) == ["circle-open"] + ["circle"] * 4  # epoch 0 is not at a minimum
 
     loss = {t.name: t for t in figs[f"fig-{FAMILY}-loss"].data}
     assert list(loss["trunk (sgd) validation"].x) == [0, 1, 2, 3]

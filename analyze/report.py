@@ -540,7 +540,7 @@ class ReportBuilder:
         if not fig.data:
             return None
         self._cut_lines(fig, family)
-        self._style(fig, "LLC (± s.e.m.; hollow: not at a local minimum) and validation loss", "epoch", "LLC  λ̂", secondary=True)
+        self._style(fig, "LLC (± s.e.m.) and validation loss", "epoch", "LLC  λ̂", secondary=True)
         fig.update_yaxes(title_text="validation loss", secondary_y=True, showgrid=False)
         return fig
 
@@ -1040,7 +1040,8 @@ class ReportBuilder:
         "update-norms": "Norm of each optimizer update ||Δw||; x is the fractional epoch (step k of an epoch of m "
                         "steps at e − 1 + k/m).",
         "llc": "Estimated local learning coefficient λ̂ at each checkpoint, plotted at its own epoch; bars: "
-               "standard error over chains. Dashed (right axis): validation loss.",
+               "standard error over chains; hollow: not at a local minimum (the chains found lower loss than the "
+               "checkpoint, so the LLC is undefined there). Dashed (right axis): validation loss.",
         "wbic": "WBIC = n·E_β[L_n(w)] at each checkpoint; dashed (right axis): validation loss.",
         "curvature": "Hessian trace (exact GGN-diagonal/dense value where it applies, else Hutchinson/Hutch++ "
                      "with its standard error), top eigenvalue and Fisher trace; dashed: validation loss.",

@@ -2,11 +2,11 @@
 recommendation.
 
 For every grid point the chains also run at a 3x smaller step. A setting is *healthy* when no chain
-diverged or left the basin, the chains did not find loss clearly below the checkpoint's (which would
-mean it is not at a local minimum, `not_at_minimum`) and R-hat < 1.1 (the chains plateau and agree). The recommendation is the
-largest healthy step whose LLC agrees within 10% with the estimate at a 3x smaller step (SGLD's
-step-size bias is large even when chains plateau), preferring the weakest localization at that step
-(strong localization biases the estimate low) and the nbeta given first.
+diverged or left the basin, the chains did not find loss clearly below the checkpoint's (it would not
+be a local minimum: `not_at_minimum`) and R-hat < 1.1 (the chains plateau and agree). The
+recommendation is the largest healthy step whose LLC agrees within 10% with the estimate at a 3x
+smaller step (SGLD's step-size bias is large even when chains plateau), preferring the weakest
+localization at that step (strong localization biases the estimate low) and the nbeta given first.
 """
 
 from __future__ import annotations

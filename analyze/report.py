@@ -47,7 +47,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from analyze.llc_stats import not_at_minimum
+from analyze.llc_stats import NOT_AT_MINIMUM_SE, not_at_minimum
 from analyze.xcorr import (DEFAULT_PAIRS, XCORR_TABLE, compute_xcorr, epoch_end_rows, epoch_end_steps,
                            lineage, own_series, run_parents)
 
@@ -929,10 +929,8 @@ class ReportBuilder:
                                  " — sampled loss near chance; the estimate is not local")
                 rhat = r.get("rhat")
                 high_rhat = _present(rhat) and rhat > RHAT_WARN
-                flagged = r.get("not_at_minimum")
-                if not _present(flagged):  # tables written before the flag existed
-                    flagged = _present(r.get("llc_mean")) and not_at_minimum(r["llc_mean"], r.get("llc_sem", math.nan))
-                if _true(flagged):
+                # from the estimates rather than the column, so tables written before the flag existed get it too
+                if _present(r.get("llc_mean")) and not_at_minimum(r["llc_mean"], r.get("llc_sem", math.nan)):
                     # R-hat is high here because the chains descend; more draws would not fix it
                     items.append(f"LLC {where}: not at a local minimum — the chains found lower loss than the "
                                  f"checkpoint (LLC {r['llc_mean']:.3g} ± {r['llc_sem']:.2g}); the LLC is not defined here"
@@ -941,7 +939,8 @@ class ReportBuilder:
                     if high_rhat:
                         items.append(f"LLC {where}: R-hat {rhat:.3f} > {RHAT_WARN} — chains disagree; more draws or chains")
                     if _present(r.get("llc_mean")) and r["llc_mean"] < 0:
-                        items.append(f"LLC {where}: negative LLC {r['llc_mean']:.3g}, within 3 standard errors of 0")
+                        items.append(f"LLC {where}: negative LLC {r['llc_mean']:.3g}, within {NOT_AT_MINIMUM_SE:g} "
+                                     "standard errors of 0")
         h = self._main("hessian")
         if h is not None and "lambda_max" in h:
             for r in h[h["run"].astype(str).isin(runs)].sort_values(["run", "step"]).to_dict("records"):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_nbeta
+from analyze.llc_stats import NOT_AT_MINIMUM_SE
 from analyze.sgld import SAMPLERS
 from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; at lr/3: {r.llc_at_third_step:.3g})")
     elif table.not_at_minimum.all():
         print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
-              "checkpoint, LLC < 0 by > 3 standard errors), so its LLC is not defined; calibrate on a trained checkpoint")
+              f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
+              "a trained checkpoint")
     else:
         print("\nno setting qualifies: none plateaus in the basin with R-hat < 1.1 and agrees within 10% with a 3x "
               "smaller step; try smaller steps, more draws or burn-in, or other localizations")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,34 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kill_before_resume_s
             a, b = pd.read_parquet(reference / run / log), pd.read_parquet(interrupted / run / log)
             pd.testing.assert_frame_equal(a.drop(columns=["seconds"], errors="ignore"),
                                           b.drop(columns=["seconds"], errors="ignore"))
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch_keeps_the_run_folder(tmp_path, monkeypatch):
+    """Killed before the first resume state: the resume starts the run again in the same folder (a reader
+    listing the output folder meanwhile must never find the run folder gone) and ends with the same bytes."""
+    settings = dict(experiment_type="standard", optimizer="sgd", num_epochs=2)
+    reference = make_ckpts(tmp_path / "reference", **settings)
+
+    def dying_save(path, **state):
+        raise Killed()  # epoch-0000 and epoch-0001 written, no resume state yet
+
+    monkeypatch.setattr(experiment, "save_resume_state", dying_save)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Killed):
+        make_ckpts(interrupted, **settings)
+    monkeypatch.undo()
+    run = interrupted / "ffnn-1x8-sgd"
+    assert not (run / "resume.safetensors").exists() and (run / checkpoint_name(0)).exists()
+    held = os.open(run, os.O_RDONLY)  # held open, so a deleted folder's inode cannot be reused by a new one
+    try:
+        make_ckpts(interrupted, resume=True, **settings)
+        assert run.stat().st_ino == os.fstat(held).st_ino
+    finally:
+        os.close(held)
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (reference / run.name).iterdir())
+    for name in (checkpoint_name(0), checkpoint_name(1), "resume.safetensors"):
+        assert (run / name).read_bytes() == (reference / run.name / name).read_bytes(), name
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

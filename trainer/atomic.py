@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -147,6 +148,16 @@ def remove_temp_files(folders: Iterator[Path] | list[Path], older_than: float | 
                 except (FileNotFoundError, IsADirectoryError):
                     pass
     return removed
+
+
+def empty_folder(folder: Path) -> None:
+    """Create `folder` if needed and delete everything in it, keeping the folder itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ folder locks

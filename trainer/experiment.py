@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, folder_lock, is_temp_file,
+from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
                             remove_temp_files)
 from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
                                  save_resume_state)
@@ -189,9 +188,9 @@ class RunTrainer:
             resume = self.run_dir / "resume.safetensors"
             if resume.exists():
                 return self._resume_from(resume)
-        if self.run_dir.exists():
-            shutil.rmtree(self.run_dir)  # --overwrite, or a resume of a run that never finished its first epoch
-        self.run_dir.mkdir(parents=True)
+        # --overwrite, or a resume of a run that never finished its first epoch: empty the folder but keep it,
+        # so a reader listing the output folder meanwhile never finds a run folder vanishing under it.
+        empty_folder(self.run_dir)
         atomic_write_json(run_json, self._run_record("running"))
         return self._start_fresh()
 

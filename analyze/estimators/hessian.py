@@ -254,7 +254,14 @@ class CurvlinopsOperator(HessianOperator):
 
     def __init__(self, model, loss_fn, batches, n, engine: str = "auto"):
         super().__init__(model, loss_fn, batches, n)
-        from curvlinops import HessianLinearOperator
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates torch.jit.script yet calls it itself, in the forward-mode AD decompositions it
+            # loads on first use (curvlinops' Hessian-vector products), and so does linear_operator, which
+            # curvlinops imports: a FutureWarning on every worker about code outside this project. Load both
+            # here with exactly that warning silenced.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+            from curvlinops import HessianLinearOperator
 
         self.op = HessianLinearOperator(model, LossModule(loss_fn), self.params, batches,
                                         check_deterministic=False, num_data=n)

@@ -54,7 +54,8 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
 
 
 def healthy(row) -> bool:
-    return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"] and row["rhat"] < RHAT_MAX)
+    return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"]
+                and row["rhat"] < RHAT_MAX)
 
 
 def calibrate(ctx: Context, lrs: list[float], localizations: list[float], nbetas: list[str],

@@ -902,9 +902,9 @@ class ReportBuilder:
         cal = cal[cal["run"].astype(str).isin(self.family_runs(family))]
         if not len(cal):
             return None
-        order = ["run", "epoch", "sampler", "lr", "localization", "nbeta_option", "nbeta", "llc_mean", "llc_std", "llc_sem",
-                 "rhat", "ess", "diverged", "left_basin", "not_at_minimum", "healthy", "llc_at_third_step", "agrees_with_third_step",
-                 "init_loss", "mean_sampled_loss", "recommended"]
+        order = ["run", "epoch", "sampler", "lr", "localization", "nbeta_option", "nbeta", "llc_mean", "llc_std",
+                 "llc_sem", "rhat", "ess", "diverged", "left_basin", "not_at_minimum", "healthy", "llc_at_third_step",
+                 "agrees_with_third_step", "init_loss", "mean_sampled_loss", "recommended"]
         cols = [c for c in order if c in cal] + [c for c in cal if c not in order and c not in
                                                    ("optimizer", "step", "ckpt_hash", "config_hash")]
         cal = cal.sort_values([c for c in ("run", "epoch", "lr", "localization") if c in cal])

@@ -14,8 +14,9 @@ Chains are stacked along a leading axis: one vmapped forward pass (torch.func.fu
 vmap) and one ordinary backward give every chain its gradient, and the update is applied in place.
 A chain costs about the same as a bare forward+backward pass plus its Gaussian draw
 (scripts/bench_llc.py). Each chain owns two generators (minibatch order and Gaussian noise) seeded
-from (seed, chain), so chain c is the same whatever the number of chains, and chains are independent. The recorded loss of a step is L_B at the
-point before the step (devinterp records the same), in eval mode (no dropout noise).
+from (seed, chain), so chain c is the same whatever the number of chains, and chains are independent.
+The recorded loss of a step is L_B at the point before the step (devinterp records the same), in eval
+mode (no dropout noise).
 """
 
 from __future__ import annotations

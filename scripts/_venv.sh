@@ -18,6 +18,10 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
            "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" "torch==2.14.1" "torchvision==0.29.1"; } \
          >"$LOG" 2>&1; then
         grep -v "is ignored: it is neither a file nor a directory" "$LOG" >&2
+        if grep -q "No space left on device" "$LOG"; then
+            # torch 2.14.1 on x86_64 is the CUDA build: the venv takes about 6.5 GB
+            echo "[setup] the disk is full ($(df -h --output=avail "$VENV" | tail -1 | tr -d ' ') free at $VENV); the venv needs about 6.5 GB" >&2
+        fi
         echo "[setup] installation failed; full log: $LOG" >&2
         exit 1
     fi

@@ -1458,6 +1458,13 @@ class Chromium:
 
     def __exit__(self, *exc) -> None:
         if self.ws is not None:
+            # Browser.close exits cleanly, which also removes the folder Chromium keeps for its singleton socket
+            # under $TMPDIR (org.chromium.Chromium.*); a signal leaves that folder behind
+            try:
+                self.call("Browser.close", timeout=5)
+                self.proc.wait(10)
+            except (BrowserError, OSError, subprocess.TimeoutExpired):
+                pass
             self.ws.close()
             self.ws = None
         if self.proc is not None and self.proc.poll() is None:

@@ -352,6 +352,25 @@ def test_console_errors_and_empty_figures_are_detected(tmp_path):
     assert not result.plotly_loaded
 
 
+def test_the_browser_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """Chromium shuts down cleanly, so the folder it keeps for its singleton socket under $TMPDIR
+    (org.chromium.Chromium.*) goes too: one per render used to pile up in /tmp."""
+    _chromium_or_skip()
+    import tempfile
+
+    # a short $TMPDIR: Chromium refuses a socket path over ~108 characters, which tmp_path can exceed
+    temp = Path(tempfile.mkdtemp(prefix="ckpt-chromium-temp-", dir="/tmp"))
+    try:
+        monkeypatch.setenv("TMPDIR", str(temp))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+        page = tmp_path / "page.html"
+        page.write_text("<!DOCTYPE html><html><body>hello</body></html>")
+        assert render(page, timeout=20).errors == []
+        assert list(temp.iterdir()) == []
+    finally:
+        shutil.rmtree(temp)
+
+
 def test_screenshot_command(report, tmp_path):
     _chromium_or_skip()
     from analyze.report import main

@@ -1,17 +1,23 @@
-"""`analyze calibrate CKPT`: short SGLD chains over a grid of (step, localization, nbeta), with a
-recommendation.
+"""`analyze calibrate CKPT`: SGLD over a grid of (step, localization) at equal sampling time, with a
+recommendation and the plateau it comes from.
 
-For every grid point the chains also run at a 3x smaller step. A setting is *healthy* when no chain
-diverged or left the basin, the chains did not find loss clearly below the checkpoint's (it would not
-be a local minimum: `not_at_minimum`) and R-hat < 1.1 (the chains plateau and agree). The
-recommendation is the largest healthy step whose LLC agrees within 10% with the estimate at a 3x
-smaller step (SGLD's step-size bias is large even when chains plateau), preferring the weakest
-localization at that step (strong localization biases the estimate low) and the nbeta given first.
+Steps are given relative to nbeta ('c/nbeta': the drift's effective step eps x nbeta = c) and every
+step gets the same sampling time: a step k times smaller runs k times more burn-in steps and draws, so a
+smaller step is never judged on a shorter chain. A setting is *healthy* when no chain diverged or left
+the basin, the chains did not find loss clearly below the checkpoint's (`not_at_minimum`), R-hat < 1.1
+and the burn-in was long enough (|drift| <= 3). Two estimates *agree* when their difference is within
+AGREEMENT_SE combined standard errors, plus 5% for the standard errors' own uncertainty. The
+recommendation: the weakest localization at which every step is healthy (strong localization biases the
+LLC low), and at it the largest step that agrees with the next larger one. The two are on the plateau,
+and of the two the smaller carries the smaller step-size bias (which grows with the step: a larger step
+that merely agrees within the tolerance can still be 10% high). The table keeps every grid point, so
+the plateau (LLC against step for each localization, with error bars) can be read off and plotted.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
-from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_nbeta
-from analyze.llc_stats import NOT_AT_MINIMUM_SE
+from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
+from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE
 from analyze.sgld import SAMPLERS
 from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
@@ -29,17 +35,18 @@ from trainer.data import DataError, load_dataset
 from trainer.losses import nll_loss
 
 RHAT_MAX = 1.1
-AGREEMENT = 0.10
-STEP_RATIO = 3.0
+AGREEMENT_SE = 2.0
+AGREEMENT_SLACK = 0.05
+CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default grid's is 3x the default step)
+DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100"]}
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EstimatorError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
-    if not values or any(v < 0 for v in values):
-        raise EstimatorError(f"{flag}: give one or more non-negative numbers")
+def _list(text: str, flag: str, parse) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise EstimatorError(f"{flag}: give one or more values")
+    for v in values:
+        parse(v, 1.0)  # one-line error naming the flag
     return values
 
 
@@ -55,52 +62,101 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
 
 def healthy(row) -> bool:
     return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"]
-                and row["rhat"] < RHAT_MAX)
+                and row["rhat"] < RHAT_MAX and not abs(row["drift"]) > DRIFT_MAX)
 
 
-def calibrate(ctx: Context, lrs: list[float], localizations: list[float], nbetas: list[str],
-              common: dict, progress: bool = True) -> pd.DataFrame:
-    """One row per (lr, localization, nbeta) of the grid, with the 3x-smaller-step comparison."""
-    grid = [(lr, loc, nb) for nb in nbetas for loc in localizations for lr in sorted(lrs)]
-    runs: dict[tuple, dict] = {}
-    needed = sorted({(lr / STEP_RATIO, loc, nb) for lr, loc, nb in grid} | set(grid), key=str)
-    for lr, loc, nb in tqdm(needed, desc="calibration runs", disable=not progress, file=sys.stderr):
-        est = LLCEstimator(lr=lr, localization=loc, nbeta=nb, **common)
-        runs[(lr, loc, nb)] = est.run(ctx)["llc"].iloc[0].to_dict()
+def agree(a: dict, b: dict) -> bool:
+    """Two estimates agree within AGREEMENT_SE combined standard errors plus AGREEMENT_SLACK of their size."""
+    if not all(math.isfinite(v) for v in (a["llc_mean"], b["llc_mean"], a["llc_sem"], b["llc_sem"])):
+        return False
+    allowed = AGREEMENT_SE * math.hypot(a["llc_sem"], b["llc_sem"]) + AGREEMENT_SLACK * abs(b["llc_mean"])
+    return abs(a["llc_mean"] - b["llc_mean"]) <= allowed
+
+
+def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: list[str], common: dict,
+              progress: bool = True) -> pd.DataFrame:
+    """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
+    smaller k times as many (equal sampling time)."""
+    n = len(ctx.splits.train)
     rows = []
-    for lr, loc, nb in grid:
-        r, small = runs[(lr, loc, nb)], runs[(lr / STEP_RATIO, loc, nb)]
-        ref = small["llc_mean"]
-        agrees = bool(pd.notna(ref) and pd.notna(r["llc_mean"]) and ref != 0
-                      and abs(r["llc_mean"] - ref) <= AGREEMENT * abs(ref))
-        rows.append({"sampler": r["sampler"], "lr": lr, "localization": loc, "nbeta_option": nb, "nbeta": r["nbeta"],
-                     "llc_mean": r["llc_mean"], "llc_std": r["llc_std"], "llc_sem": r["llc_sem"],
-                     "rhat": r["rhat"], "ess": r["ess"], "diverged": r["diverged"], "left_basin": r["left_basin"],
-                     "not_at_minimum": r["not_at_minimum"],
-                     "healthy": healthy(r), "llc_at_third_step": ref, "agrees_with_third_step": agrees,
-                     "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]})
+    for nb in nbetas:
+        nbeta = parse_nbeta(nb, n)
+        steps = sorted(lrs, key=lambda t: parse_lr(t, nbeta), reverse=True)
+        largest = parse_lr(steps[0], nbeta)
+        grid = [(lr, loc) for loc in localizations for lr in steps]
+        for lr, loc in tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress, file=sys.stderr):
+            stretch = largest / parse_lr(lr, nbeta)
+            est = LLCEstimator(lr=lr, localization=loc, nbeta=nb,
+                               **{**common, "draws": round(common["draws"] * stretch),
+                                  "burnin": round(common["burnin"] * stretch)})
+            r = est.run(ctx)["llc"].iloc[0].to_dict()
+            rows.append({"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
+                         "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
+                         "lr_nbeta": r["lr_nbeta"], "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
+                         "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
+                         "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
+                         "diverged": r["diverged"], "left_basin": r["left_basin"],
+                         "not_at_minimum": r["not_at_minimum"], "healthy": healthy(r), "llc_truth": r["llc_truth"],
+                         "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]})
     table = pd.DataFrame(rows)
+    # The next larger step at the same localization and nbeta: the plateau test.
+    table["llc_at_larger_step"] = math.nan
+    table["agrees_with_larger_step"] = False
+    for _, group in table.groupby(["nbeta_option", "localization_option"], sort=False):
+        ordered = group.sort_values("lr")
+        for (i, row), (_, larger) in zip(ordered.iterrows(), list(ordered.iterrows())[1:]):
+            table.loc[i, "llc_at_larger_step"] = larger["llc_mean"]
+            table.loc[i, "agrees_with_larger_step"] = agree(row, larger) and bool(larger["healthy"])
     table["recommended"] = False
-    ok = table[table.healthy & table.agrees_with_third_step]
-    if len(ok):
-        order = {nb: i for i, nb in enumerate(nbetas)}
-        best = ok.assign(_nb=ok.nbeta_option.map(order)).sort_values(
-            ["lr", "localization", "_nb"], ascending=[False, True, True]).index[0]
+    best = recommend(table, nbetas, localizations)
+    if best is not None:
         table.loc[best, "recommended"] = True
     return table
+
+
+def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
+    """Index of the recommended row, or None (see the module docstring)."""
+    for nb in nbetas:
+        at_nb = table[table.nbeta_option == nb]
+        for loc in sorted(localizations, key=lambda t: at_nb.loc[at_nb.localization_option == t, "localization"].min()):
+            group = at_nb[at_nb.localization_option == loc]
+            if not group.healthy.all():
+                continue
+            agreeing = group[group.agrees_with_larger_step].sort_values("lr", ascending=False)
+            if len(agreeing):
+                return agreeing.index[0]
+    return None
+
+
+def plateau_text(table: pd.DataFrame) -> str:
+    """LLC +- s.e. for each localization (rows) and step (columns): the plateau at a glance."""
+    cells = table.assign(cell=[
+        f"{r.llc_mean:.4g} ± {r.llc_sem:.2g}" + ("" if r.healthy else " ✗") + (" ◀" if r.recommended else "")
+        for r in table.itertuples()])
+    grid = cells.pivot_table(index=["nbeta_option", "localization_option"], columns="lr_option", values="cell",
+                             aggfunc="first", sort=False)
+    order = table.drop_duplicates("lr_option").sort_values("lr", ascending=False).lr_option
+    return grid[[c for c in order if c in grid]].to_string()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="analyze calibrate", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint file (epoch-NNNN.safetensors)")
-    ap.add_argument("--lr", default="1e-5,3e-5,1e-4,3e-4", help="SGLD step sizes, comma-separated (default: %(default)s)")
-    ap.add_argument("--localization", default="10,100,1000", help="localizations gamma (default: %(default)s)")
+    ap.add_argument("--lr", default=",".join(DEFAULT_GRID["lr"]),
+                    help="SGLD step sizes, comma-separated: numbers or 'c/nbeta' (default: %(default)s)")
+    ap.add_argument("--localization", default=",".join(DEFAULT_GRID["localization"]),
+                    help="localizations gamma: numbers or 'c*nbeta' (default: %(default)s)")
     ap.add_argument("--nbeta", default="n/log n", help="nbeta values separated by ';' (default: %(default)s)")
     ap.add_argument("--chains", type=int, default=DEFAULTS["chains"], help="chains per run (default: %(default)s)")
-    ap.add_argument("--draws", type=int, default=DEFAULTS["draws"], help="kept draws per chain (default: %(default)s)")
-    ap.add_argument("--burnin", type=int, default=DEFAULTS["burnin"], help="burn-in steps (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="SGLD minibatch (default: %(default)s)")
+    ap.add_argument("--draws", type=int, default=CALIBRATION_LENGTH,
+                    help="kept draws per chain at the largest step; k times more at a k times smaller step "
+                         "(default: %(default)s)")
+    ap.add_argument("--burnin", type=int, default=CALIBRATION_LENGTH,
+                    help="burn-in steps at the largest step, scaled like --draws (default: %(default)s)")
+    ap.add_argument("--batch-size", default=DEFAULTS["batch_size"],
+                    help="SGLD minibatch: a number (0 = full batch) or 'auto' (grows with the step, as in the "
+                         "llc estimator) (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
     ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
                     help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
@@ -110,16 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     path = Path(args.checkpoint)
     try:
-        lrs = _floats(args.lr, "--lr")
-        locs = _floats(args.localization, "--localization")
+        lrs = _list(args.lr, "--lr", parse_lr)
+        locs = _list(args.localization, "--localization", parse_localization)
         nbetas = [v.strip() for v in args.nbeta.split(";") if v.strip()]
         for nb in nbetas:
             parse_nbeta(nb, 100)
+        common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
+                      seed=args.seed, sampler=args.sampler)
+        LLCEstimator(**common)  # option errors before loading anything
         if not path.is_file():
             raise CheckpointError(path, "no such checkpoint file")
         ctx = context_for(path, args.device, args.data_root)
-        common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
-                      seed=args.seed, sampler=args.sampler)
         table = calibrate(ctx, lrs, locs, nbetas, common)
     except (EstimatorError, CheckpointError, DataError) as e:
         print(f"analyze calibrate: error: {e}", file=sys.stderr)
@@ -137,22 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     store.finish(key, {"estimator": "calibration", "checkpoint": str(path), "config": config})
     out = store.root
 
-    shown = table[["lr", "localization", "nbeta", "llc_mean", "llc_sem", "llc_at_third_step", "rhat", "diverged",
-                   "left_basin", "not_at_minimum", "healthy", "agrees_with_third_step", "recommended"]]
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("LLC +- standard error at equal sampling time (rows: localization; columns: step; ✗ not healthy, "
+          "◀ recommended)")
+    print(plateau_text(table))
+    shown = table[["lr_option", "localization_option", "nbeta", "n_draws", "llc_mean", "llc_sem", "drift", "rhat",
+                   "diverged", "left_basin", "not_at_minimum", "healthy", "agrees_with_larger_step", "recommended"]]
+    print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]
         sampler = "" if r.sampler == "sgld" else f" --llc-sampler {r.sampler}"
-        print(f"\nrecommended:{sampler} --llc-lr {r.lr:g} --llc-localization {r.localization:g} "
-              f"--llc-nbeta '{r.nbeta_option}'   "
-              f"(LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; at lr/3: {r.llc_at_third_step:.3g})")
+        print(f"\nrecommended:{sampler} --llc-lr {r.lr_option} --llc-localization {r.localization_option} "
+              f"--llc-nbeta '{r.nbeta_option}'   (LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; "
+              f"at the next larger step: {r.llc_at_larger_step:.3g})")
     elif table.not_at_minimum.all():
         print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
               f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
               "a trained checkpoint")
     else:
-        print("\nno setting qualifies: none plateaus in the basin with R-hat < 1.1 and agrees within 10% with a 3x "
-              "smaller step; try smaller steps, more draws or burn-in, or other localizations")
+        print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
+              f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}) with a step that agrees with the next larger one; try smaller "
+              "steps, longer chains (--draws, --burnin), or other localizations")
     print(f"calibration table: {out / 'calibration'}")
     return 0

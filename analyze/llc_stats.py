@@ -3,10 +3,22 @@
     LLC_c = nbeta * (mean_t L_B(w_t) over chain c's kept draws - L_n(w*))
     LLC   = mean over chains;  WBIC = n * mean over all kept draws of L_B(w_t)
 
-The standard error is the Monte-Carlo standard error of the mean sampled loss (ArviZ's `mcse`, which
-accounts for autocorrelation within chains) times nbeta: L_n(w*) is exact, so it adds no error.
+The standard error is between chains: `llc_sem` = SD of the per-chain LLCs / sqrt(chains). Chains are
+independent (own noise and batch streams), so this is what another set of chain seeds would scatter by,
+whatever the autocorrelation inside a chain. ArviZ's `mcse`, which infers it from the within-chain
+autocorrelation instead, was off both ways in practice: 6x too large on a deep linear net (a slow,
+seed-independent transient in every chain reads as autocorrelation) and 2x too small on the demo's MLP
+(chains settle in different parts of the basin, which one chain's trace cannot see). Test: the SD of
+`llc_mean` over 20 chain seeds matches the mean `llc_sem` (tests/test_llc.py, scripts/validate_llc.py).
+It rests on few chains (4-8), so comparisons use Student's t with chains - 1 degrees of freedom.
 R-hat is ArviZ's rank-normalised split R-hat, ESS its bulk effective sample size, both on the loss
-traces. A chain with a non-finite loss is `diverged`; the LLC mean is then NaN, never an average over
+traces.
+
+`drift`: are the chains still settling? The LLC over the second half of the kept draws minus that over the
+first half, in units of its standard error, sqrt((s1^2 + s2^2) / chains) with s1, s2 the SDs of the chains'
+half-means (between chains, as `llc_sem`; 2 (chains - 1) degrees of freedom; the halves' positive correlation
+only makes it conservative). |drift| > DRIFT_MAX means the burn-in was too short for these settings
+(`drifting`): the trend is large against the estimate's own statistical error. A chain with a non-finite loss is `diverged`; the LLC mean is then NaN, never an average over
 the surviving chains (per-chain values stay available).
 
 `left_basin` (per chain): over the kept draws, the loss has climbed more than half of the way from
@@ -30,6 +42,7 @@ LEFT_BASIN_LEVEL = 0.5
 RISING_LEVEL = 0.2
 RISING_DRIFT = 0.02
 NOT_AT_MINIMUM_SE = 3.0
+DRIFT_MAX = 3.0
 
 
 def _arviz():
@@ -66,6 +79,9 @@ def summarize(kept: np.ndarray, init_loss: float, nbeta: float, n: int, chance_l
         "chance_loss": float(chance_loss),
     }
     row["left_basin"] = row["chains_left_basin"] > 0
+    row["llc_sem"] = between_chain_sem(per_chain) if finite.all() else math.nan
+    row["drift"] = drift(kept, nbeta) if finite.all() else math.nan
+    row["drifting"] = bool(abs(row["drift"]) > DRIFT_MAX)  # NaN compares False
     if finite.all() and draws >= 4:
         az = _arviz()
         with warnings.catch_warnings():  # ArviZ warns about few chains; the values are still defined
@@ -73,11 +89,26 @@ def summarize(kept: np.ndarray, init_loss: float, nbeta: float, n: int, chance_l
             data = az.convert_to_dataset(kept)  # (chain, draw) -> variable "x"
             row["rhat"] = float(az.rhat(data)["x"].values)
             row["ess"] = float(az.ess(data)["x"].values)
-            row["llc_sem"] = float(nbeta * az.mcse(data, method="mean")["x"].values)
     else:
-        row.update(rhat=math.nan, ess=math.nan, llc_sem=math.nan)
+        row.update(rhat=math.nan, ess=math.nan)
     row["not_at_minimum"] = not_at_minimum(row["llc_mean"], row["llc_sem"])
     return row
+
+
+def between_chain_sem(values: np.ndarray) -> float:
+    """SD of independent per-chain estimates / sqrt(chains); NaN for one chain (nothing to compare)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def drift(kept: np.ndarray, nbeta: float) -> float:
+    """(second-half LLC - first-half LLC) / its standard error; NaN with one chain or too few draws."""
+    half = kept.shape[1] // 2
+    if half < 2 or kept.shape[0] < 2:
+        return math.nan
+    first, second = nbeta * kept[:, :half].mean(axis=1), nbeta * kept[:, -half:].mean(axis=1)
+    sem = math.hypot(between_chain_sem(first), between_chain_sem(second))
+    return float((second.mean() - first.mean()) / sem) if sem > 0 else math.nan
 
 
 def not_at_minimum(llc_mean: float, llc_sem: float) -> bool:

@@ -47,7 +47,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from analyze.llc_stats import NOT_AT_MINIMUM_SE, not_at_minimum
+from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE, not_at_minimum
 from analyze.xcorr import (DEFAULT_PAIRS, XCORR_TABLE, compute_xcorr, epoch_end_rows, epoch_end_steps,
                            lineage, own_series, run_parents)
 
@@ -729,6 +729,8 @@ class ReportBuilder:
                     if "rhat" in r and _present(r["rhat"]):
                         flag = " ⚠" if r["rhat"] > RHAT_WARN else ""
                         bits.append(f"R̂ {r['rhat']:.3f}{flag}")
+                    if "drift" in r and _present(r["drift"]):
+                        bits.append(f"drift {r['drift']:.2g}" + (" ⚠" if abs(r["drift"]) > DRIFT_MAX else ""))
                     if "llc_mean" in r and _present(r["llc_mean"]):
                         bits.append(f"LLC {r['llc_mean']:.3g} ± {r.get('llc_sem', float('nan')):.2g}")
                     text += "<br>" + " · ".join(bits)
@@ -902,15 +904,38 @@ class ReportBuilder:
         cal = cal[cal["run"].astype(str).isin(self.family_runs(family))]
         if not len(cal):
             return None
-        order = ["run", "epoch", "sampler", "lr", "localization", "nbeta_option", "nbeta", "llc_mean", "llc_std",
-                 "llc_sem", "rhat", "ess", "diverged", "left_basin", "not_at_minimum", "healthy", "llc_at_third_step",
-                 "agrees_with_third_step", "init_loss", "mean_sampled_loss", "recommended"]
+        order = ["run", "epoch", "sampler", "lr_option", "localization_option", "lr", "localization", "nbeta_option",
+                 "nbeta", "n_draws", "llc_mean", "llc_sem", "llc_std", "drift", "rhat", "ess", "diverged", "left_basin",
+                 "not_at_minimum", "healthy", "llc_at_larger_step", "agrees_with_larger_step", "llc_truth",
+                 "init_loss", "mean_sampled_loss", "recommended"]
         cols = [c for c in order if c in cal] + [c for c in cal if c not in order and c not in
                                                    ("optimizer", "step", "ckpt_hash", "config_hash")]
         cal = cal.sort_values([c for c in ("run", "epoch", "lr", "localization") if c in cal])
         rec = cal["recommended"].fillna(False).astype(bool) if "recommended" in cal else None
         table = html_table(cal[cols].assign(run=cal["run"].map(self.label)), highlight=rec)
         return table
+
+    def fig_calibration(self, family: str):
+        """The plateau: LLC +- s.e. against the step (eps x nbeta, log scale), one line per localization."""
+        import plotly.graph_objects as go
+
+        cal = self.tables["calibration"]
+        cal = cal[cal["run"].astype(str).isin(self.family_runs(family))]
+        if "lr_nbeta" not in cal or not len(cal):
+            return None  # tables from before the equal-time calibration
+        fig = go.Figure()
+        for (run, epoch, loc), g in cal.groupby(["run", "epoch", "localization_option"], sort=False):
+            g = g.sort_values("lr_nbeta")
+            healthy = g["healthy"].fillna(False).astype(bool)
+            fig.add_trace(go.Scatter(
+                x=g["lr_nbeta"], y=g["llc_mean"], error_y=dict(type="data", array=g["llc_sem"], visible=True),
+                mode="lines+markers", name=f"{self.label(str(run))} ep {epoch}, γ {loc}",
+                marker=dict(size=[12 if r else 8 for r in g["recommended"].fillna(False)],
+                            symbol=["circle" if h else "circle-open" for h in healthy]),
+                hovertemplate="eps·nbeta %{x:.3g}<br>LLC %{y:.4g}<extra></extra>"))
+        fig.update_xaxes(type="log")
+        return self._style(fig, "Calibration: LLC against step size, per localization", "eps × nbeta",
+                           "LLC (± s.e.)")
 
     def family_diagnostics(self, family: str) -> list[str]:
         runs = set(self.family_runs(family))
@@ -938,6 +963,9 @@ class ReportBuilder:
                 else:
                     if high_rhat:
                         items.append(f"LLC {where}: R-hat {rhat:.3f} > {RHAT_WARN} — chains disagree; more draws or chains")
+                    if _present(r.get("drift")) and abs(r["drift"]) > DRIFT_MAX:
+                        items.append(f"LLC {where}: drift {r['drift']:.2g} — the second half of the draws differs from "
+                                     f"the first by more than {DRIFT_MAX:g} standard errors; a longer --llc-burnin")
                     if _present(r.get("llc_mean")) and r["llc_mean"] < 0:
                         items.append(f"LLC {where}: negative LLC {r['llc_mean']:.3g}, within {NOT_AT_MINIMUM_SE:g} "
                                      "standard errors of 0")
@@ -1053,6 +1081,10 @@ class ReportBuilder:
         "hsic": "Each line is one layer's path through the information plane (HSIC with the input vs with the "
                 "labels), marker colour = epoch (mid-epoch checkpoints at fractional epochs). A branch starts "
                 "from the trunk's cut-off point.",
+        "calibration": "Each line: one localization γ at the calibrated checkpoint; x: the drift's effective step "
+                       "eps × nbeta, every step run for the same sampling time; bars: standard error over chains. "
+                       "Hollow: not healthy (diverged, left the basin, not at a minimum, R̂ ≥ 1.1 or drifting); "
+                       "large: recommended. Where the estimate stops changing as the step shrinks is the plateau.",
         "xcorr": "Pearson correlation of the z-scored series at lags, on the epochs where both exist (a branch "
                  "joined to its trunk). Lag L pairs a at epoch t+L with b at epoch t.",
     }
@@ -1113,6 +1145,9 @@ class ReportBuilder:
             parts.append('<p class="missing">calibration: not computed for this family '
                          "(the calibration table sweeps the sampler's step size and localization)</p>")
         else:
+            plateau = self.fig_calibration(family)
+            if plateau is not None:
+                parts.append(self.figure_html(plateau, f"fig-{slug}-calibration", False, self.CAPTIONS["calibration"]))
             parts.append('<p class="note">Highlighted: the recommended setting.</p>' + cal)
         parts.append("<h3>Diagnostics</h3>")
         items = self.family_diagnostics(family)

@@ -13,10 +13,16 @@ running average V of the squared minibatch gradient, per chain and coordinate:
 Chains are stacked along a leading axis: one vmapped forward pass (torch.func.functional_call under
 vmap) and one ordinary backward give every chain its gradient, and the update is applied in place.
 A chain costs about the same as a bare forward+backward pass plus its Gaussian draw
-(scripts/bench_llc.py). Each chain owns two generators (minibatch order and Gaussian noise) seeded
-from (seed, chain), so chain c is the same whatever the number of chains, and chains are independent.
+(scripts/bench_llc.py). Each chain owns two generators (minibatches and Gaussian noise) seeded from
+(seed, chain), so chain c is the same whatever the number of chains, and chains are independent.
 The recorded loss of a step is L_B at the point before the step (devinterp records the same), in eval
 mode (no dropout noise).
+
+Minibatches are drawn uniformly and independently at every step (with replacement), not by walking
+through shuffled epochs. Within an epoch, the batch at step t holds exactly the samples the chain has
+not yet stepped on in that epoch, while the earlier steps pushed the loss of the others down: L_B(w_t)
+then overestimates L_n(w_t), and the LLC with it (+3% on a digits 3x64 MLP: 18.84 / 18.58 against
+18.36 / 18.14 with independent batches and 18.24 through devinterp, whose batches are independent too).
 """
 
 from __future__ import annotations
@@ -60,19 +66,14 @@ def chain_seed(seed: int, chain: int, stream: int) -> int:
 
 
 class _BatchStream:
-    """Successive shuffles of range(n), cut into minibatches (drop-last), from one generator."""
+    """Independent uniform minibatches of row indices, from one generator (see the module docstring)."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size = n, batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.pos = torch.randperm(n, generator=self.generator), 0
 
     def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.n:
-            self.order, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return idx
+        return torch.randint(0, self.n, (self.batch_size,), generator=self.generator)
 
 
 def sample_losses(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Tensor, y: torch.Tensor,

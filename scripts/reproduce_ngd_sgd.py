@@ -28,8 +28,6 @@ import pandas as pd
 
 # The study's own args file (its format: [hyperparameters, data args, sampler args]).
 STUDY_ARGS = json.loads((Path(__file__).parent / "args_ngd_sgd.json").read_text())
-CALIBRATION_GRID = {"lr": "1e-6,3e-6,1e-5,3e-5,1e-4", "localization": "100,1000,10000"}
-FALLBACK = (1e-5, 1e4)  # the algorithms doc's setting that plateaued on this model
 
 
 def run(cmd: list[str]) -> int:
@@ -41,6 +39,11 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def healthy(llc: pd.DataFrame) -> pd.Series:
+    """Chains that diverged, left the basin, disagree (R-hat) or were still settling (drift) give no estimate."""
+    return ~llc.left_basin & ~llc.diverged & (llc.rhat < 1.1) & ~(llc.drift.abs() > 3)
+
+
 def verdict(llc: pd.DataFrame, runs: list[str], cut_off: int) -> tuple[str, pd.DataFrame]:
     """Compare NGD's and SGD's branch LLC on the epochs both have after the cut-off."""
     sgd, ngd = (llc[llc.run == r].set_index("epoch") for r in runs)
@@ -48,12 +51,11 @@ def verdict(llc: pd.DataFrame, runs: list[str], cut_off: int) -> tuple[str, pd.D
     epochs = [e for e in epochs if e > cut_off]
     both = pd.DataFrame({"sgd_llc": sgd.llc_mean.reindex(epochs), "sgd_sem": sgd.llc_sem.reindex(epochs),
                          "ngd_llc": ngd.llc_mean.reindex(epochs), "ngd_sem": ngd.llc_sem.reindex(epochs),
-                         "sgd_ok": (~sgd.left_basin & ~sgd.diverged & (sgd.rhat < 1.1)).reindex(epochs),
-                         "ngd_ok": (~ngd.left_basin & ~ngd.diverged & (ngd.rhat < 1.1)).reindex(epochs)})
+                         "sgd_ok": healthy(sgd).reindex(epochs), "ngd_ok": healthy(ngd).reindex(epochs)})
     healthy = both[both.sgd_ok & both.ngd_ok]
     if len(healthy) < max(3, len(both) // 2):
         return (f"INCONCLUSIVE: only {len(healthy)} of {len(both)} post-swap epochs have healthy chains on both "
-                "branches (R-hat < 1.1, no divergence, none left the basin)"), both
+                "branches (R-hat < 1.1, |drift| <= 3, no divergence, none left the basin)"), both
     diff = healthy.ngd_llc - healthy.sgd_llc
     sem = (healthy.ngd_sem ** 2 + healthy.sgd_sem ** 2) ** 0.5
     above = (diff > 2 * sem).mean()
@@ -78,10 +80,8 @@ def main() -> int:
     ap.add_argument("--num-epochs", type=int, help="override num_epochs (smoke runs)")
     ap.add_argument("--cut-off-epochs", type=int, help="override cut_off_epochs (smoke runs)")
     ap.add_argument("--hidden-nodes", type=int, help="override the hidden width (smoke runs)")
-    ap.add_argument("--calibration-draws", type=int, default=300, help="draws per calibration run")
-    ap.add_argument("--calibration-lr", default=CALIBRATION_GRID["lr"], help="SGLD steps to calibrate over")
-    ap.add_argument("--calibration-localization", default=CALIBRATION_GRID["localization"],
-                    help="localizations to calibrate over")
+    ap.add_argument("--calibration-draws", type=int, default=300,
+                    help="draws (and burn-in) per calibration run at the largest step; scaled up for smaller steps")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -108,30 +108,31 @@ def main() -> int:
     cut = hp["cut_off_epochs"]
     cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
     analysis = ckpts / "analysis"
-    run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--lr", args.calibration_lr,
-         "--localization", args.calibration_localization, "--chains", "2",
-         "--draws", str(args.calibration_draws), "--out", str(analysis), "--device", args.device])
+    run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--draws", str(args.calibration_draws),
+         "--burnin", str(args.calibration_draws), "--out", str(analysis), "--device", args.device])
     import analyze
 
     calibration = analyze.load(str(analysis)).get("calibration", pd.DataFrame(columns=["run", "epoch", "recommended"]))
     chosen = calibration[calibration.recommended & (calibration.run == f"{family}-trunk") & (calibration.epoch == cut)]
+    from analyze.estimators.llc import DEFAULTS
+
     if len(chosen):
-        lr, loc = float(chosen.lr.iloc[0]), float(chosen.localization.iloc[0])
+        lr, loc = str(chosen.lr_option.iloc[0]), str(chosen.localization_option.iloc[0])
         why = "the calibration's recommendation"
     else:
-        lr, loc = FALLBACK
-        why = "no calibrated setting qualified; the algorithms doc's setting that plateaued on this model"
-    print(f"LLC settings: eps {lr:g}, gamma {loc:g}, nbeta n/log n ({why}); the study used eps "
-          f"{sampler['sampler_lr']:g}, gamma {sampler['localization']:g}")
-    cmd = [bin_path("analyze"), str(ckpts), "--estimators", "evaluate,llc", "--llc-chains", str(sampler["num_chains"]),
-           "--llc-draws", str(sampler["num_draws"]), "--llc-lr", str(lr), "--llc-localization", str(loc),
+        lr, loc = DEFAULTS["lr"], DEFAULTS["localization"]
+        why = "no calibrated setting qualified: the validated defaults (docs/llc-validation.md)"
+    print(f"LLC settings: eps {lr}, gamma {loc}, nbeta n/log n ({why}), the estimator's validated chains, draws and "
+          f"burn-in; the study used eps {sampler['sampler_lr']:g}, gamma {sampler['localization']:g}, "
+          f"{sampler['num_chains']} x {sampler['num_draws']} draws")
+    cmd = [bin_path("analyze"), str(ckpts), "--estimators", "evaluate,llc", "--llc-lr", lr, "--llc-localization", loc,
            "--device", args.device]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     status = run(cmd)
 
     llc = analyze.load(str(analysis))["llc"]
-    llc = llc[(llc.lr == lr) & (llc.localization == loc)]
+    llc = llc[(llc.lr_option == lr) & (llc.localization_option == loc)]
     text, table = verdict(llc, [f"{family}-swap-sgd", f"{family}-swap-ngd"], cut)
     print("\nstudy's claim: after the swap, NGD's LLC lies above SGD's.")
     print(table.to_string(float_format=lambda v: f"{v:.3g}"))

@@ -158,12 +158,15 @@ def make_analysis(root: Path, standard: bool = True) -> Path:
             "layer": [0, 1], "layer_name": ["fc1", "out"], "shape": ["16x64", "10x16"], "spectral_norm": [2.5, 3.0],
             "frobenius_norm": [5.2, 5.1], "stable_rank": [4.3, 2.9], "alpha": [4.2, np.nan], "n_eigenvalues": [16, 10]})))
     cal = []
-    for lr in (1e-5, 1e-4, 1e-3):
-        for loc in (10.0, 100.0):
-            cal.append({"lr": lr, "localization": loc, "nbeta_option": "n/log n", "nbeta": 165.4, "llc_mean": 5.0 + lr * 1e3,
-                        "llc_std": 0.5, "llc_sem": 0.3, "rhat": 1.02, "ess": 120.0, "diverged": lr == 1e-3,
-                        "left_basin": False, "healthy": lr < 1e-3, "llc_at_third_step": 5.1, "agrees_with_third_step": True,
-                        "init_loss": 0.3, "mean_sampled_loss": 0.33, "recommended": lr == 1e-4 and loc == 100.0})
+    for c in (0.01, 0.03, 0.1):
+        for loc in ("10", "100"):
+            lr = c / 165.4
+            cal.append({"lr_option": f"{c}/nbeta", "localization_option": loc, "lr": lr, "localization": float(loc),
+                        "nbeta_option": "n/log n", "nbeta": 165.4, "lr_nbeta": c, "n_draws": round(30 / c),
+                        "llc_mean": 5.0 + 10 * c, "llc_std": 0.5, "llc_sem": 0.3, "drift": 0.4, "rhat": 1.02,
+                        "ess": 120.0, "diverged": c == 0.1, "left_basin": False, "healthy": c < 0.1,
+                        "llc_at_larger_step": 5.1, "agrees_with_larger_step": c == 0.01, "init_loss": 0.3,
+                        "mean_sampled_loss": 0.33, "recommended": c == 0.01 and loc == "100"})
     add("calibration", _rows(TRUNK, "sgd", CUT, STEPS_PER_EPOCH * CUT, "cal1", pd.DataFrame(cal)))
     errors = _rows(NGD, "ngd", 5, 50, "fim1", pd.DataFrame([{
         "estimator": "fim", "error": "RuntimeError", "message": "synthetic failure: out of memory",
@@ -217,6 +220,9 @@ def test_report_has_every_section(report, analysis):
     assert text.count('class="plotly-graph-div"') == len(builder.figures)
     # calibration table with the recommended row highlighted, diagnostics, settings
     assert "LLC calibration" in text and 'class="hl"' in text
+    plateau = builder.figures[f"fig-{FAMILY}-calibration"]  # LLC against the step, one line per localization
+    assert len(plateau.data) == 2 and list(plateau.data[0].x) == [0.01, 0.03, 0.1]
+    assert list(plateau.data[1].marker.symbol) == ["circle", "circle", "circle-open"]  # the diverged step hollow
     assert "sampler diverged" in text and "R-hat 1.400" in text
     assert text.count("not at a local minimum — the chains found lower loss") == 1 and "(LLC -30 ± 0.2)" in text
     assert "synthetic failure: out of memory" in text

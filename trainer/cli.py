@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(default, list):
             item = str if f.name == "layers" else int
             group.add_argument(flag, nargs="+", type=item, metavar="X", **kw)
-        elif f.name == "data_seed":
+        elif default is None:  # optional integers
             group.add_argument(flag, type=int, metavar="N", **kw)
         else:
             group.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kw)

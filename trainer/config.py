@@ -53,11 +53,19 @@ class TrainConfig:
     teacher_model_type: str = _opt("ffnn", "teacher net type: ffnn or dlnn")
     teacher_hidden_nodes: int = _opt(8, "teacher net hidden width")
     teacher_hidden_layers: int = _opt(1, "teacher net hidden layers (0 = linear map)")
+    teacher_bias: bool = _opt(True, "teacher net has bias vectors")
+    teacher_rank: int | None = _opt(None, "teacher dlnn (or linear map): rank of its input-output matrix; its layers are "
+                                          "then orthogonal, the first truncated to this rank (none: the default random init)")
+    truth_checkpoint: bool = _opt(False, "teacher dataset: also write the teacher's own weights as run <model>-truth "
+                                         "(epoch 0), to estimate the LLC at the true parameter; needs the teacher to "
+                                         "have the student's architecture")
     # --- model
     model_type: str = _opt("ffnn", "model: " + ", ".join(MODEL_TYPES))
     hidden_nodes: list[int] = _list_opt([32], "hidden width per model (ffnn/dlnn); paired with --hidden-layers")
     hidden_layers: list[int] = _list_opt([2], "hidden depth per model (ffnn/dlnn); paired with --hidden-nodes")
     hidden_conv_layers: list[int] = _list_opt([1], "extra 6->6 conv layers per LeNet model (cnn)")
+    bias: bool = _opt(True, "ffnn/dlnn: bias vectors in every layer (--no-bias: none, as in the deep linear "
+                            "network theory)")
     layers: list[str] = _list_opt([], "Keras-like layer list for model_type=layers, e.g. conv2d:16:3:1:1:relu flatten dropout:0.4 dense:500:relu dense:10")
     # --- experiment
     experiment_type: str = _opt("swap", "standard (each optimizer from the same init) or swap (SGD to the cut-off, then SGD and NGD branches)")
@@ -120,6 +128,20 @@ class TrainConfig:
                 fail(key, f"{v!r} must lie in [0, 1)")
         if self.val_fraction + self.test_fraction >= 0.9:
             fail("val_fraction", "val_fraction + test_fraction must leave at least 10% for training")
+        if self.teacher_rank is not None:
+            if self.teacher_model_type != "dlnn" and self.teacher_hidden_layers != 0:
+                fail("teacher_rank", "a rank is defined for a linear teacher: teacher_model_type dlnn, or 0 hidden layers")
+            if not 0 <= self.teacher_rank <= min(self.teacher_input_dim, self.teacher_outputs,
+                                                 *([self.teacher_hidden_nodes] if self.teacher_hidden_layers else [])):
+                fail("teacher_rank", f"{self.teacher_rank} must lie between 0 and the teacher's smallest width")
+        if self.truth_checkpoint:
+            if self.dataset != "teacher":
+                fail("truth_checkpoint", "needs the teacher dataset")
+            student = (self.model_type, self.hidden_nodes, self.hidden_layers, self.bias)
+            teacher = (self.teacher_model_type, [self.teacher_hidden_nodes], [self.teacher_hidden_layers], self.teacher_bias)
+            if student != teacher:
+                fail("truth_checkpoint", f"the student {student} must have the teacher's architecture {teacher} "
+                                         "(type, hidden nodes, hidden layers, bias)")
         if self.ckpt_every_steps < 0:
             fail("ckpt_every_steps", "must be >= 0")
         if self.model_type in ("ffnn", "dlnn"):
@@ -192,9 +214,9 @@ def _coerce(name: str, value: Any) -> Any:
     """Check a file value's type against the field's (JSON ints are fine where floats are expected)."""
     f = FIELDS[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if name == "data_seed":
+    if default is None:  # optional integers (data_seed, teacher_rank)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"invalid value for 'data_seed': {value!r} must be an integer")
+            raise ConfigError(f"invalid value for '{name}': {value!r} must be an integer")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

@@ -73,6 +73,11 @@ def dataset_spec_from_config(cfg) -> dict[str, Any]:
                     teacher_model={"type": cfg.teacher_model_type, "input_shape": [cfg.teacher_input_dim],
                                    "outputs": cfg.teacher_outputs, "hidden_nodes": cfg.teacher_hidden_nodes,
                                    "hidden_layers": cfg.teacher_hidden_layers})
+        # Written only when set, so the specs (and hashes) of earlier teacher datasets are unchanged.
+        if not cfg.teacher_bias:
+            spec["teacher_model"]["bias"] = False
+        if cfg.teacher_rank is not None:
+            spec["teacher_rank"] = cfg.teacher_rank
         if cfg.teacher_task == "regression":
             spec["noise_sigma"] = cfg.teacher_noise_sigma
     return spec
@@ -111,17 +116,36 @@ def _digits(spec: dict) -> Splits:
                   task="classification", input_shape=(1, 8, 8), outputs=10)
 
 
-def _teacher(spec: dict) -> Splits:
+def build_teacher(spec: dict) -> torch.nn.Module:
+    """The teacher net of a `teacher` dataset spec, with its seeded weights.
+
+    With "teacher_rank" r, every weight matrix is a random (semi-)orthogonal matrix and the first one is cut to
+    rank r (its r leading singular values kept at 1): the input-output map then has rank r with singular values
+    well away from zero, so r is the rank the data can resolve (the default init gives near-zero singular values
+    to deep linear products).
+    """
     from trainer.models import build_model
 
-    g = torch.Generator().manual_seed(spec["split_seed"])
-    teacher_spec = spec["teacher_model"]
     torch_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec["split_seed"] + 7919)  # teacher weights: seeded, distinct from the split seed
-        teacher = build_model(teacher_spec).eval()
+        teacher = build_model(spec["teacher_model"]).eval()
+        if "teacher_rank" in spec:
+            weights = [m.weight for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
+            with torch.no_grad():
+                for w in weights:
+                    torch.nn.init.orthogonal_(w)
+                u, _, vh = torch.linalg.svd(weights[0], full_matrices=False)
+                r = spec["teacher_rank"]
+                weights[0].copy_(u[:, :r] @ vh[:r])
     finally:
         torch.random.set_rng_state(torch_state)
+    return teacher
+
+
+def _teacher(spec: dict) -> Splits:
+    g = torch.Generator().manual_seed(spec["split_seed"])
+    teacher = build_teacher(spec)
     x = torch.randn(spec["samples"], spec["input_dim"], generator=g)
     with torch.no_grad():
         out = teacher(x)

@@ -24,11 +24,12 @@ from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, e
 from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
                                  save_resume_state)
 from trainer.config import ConfigError, TrainConfig
-from trainer.data import Splits, dataset_spec_from_config, load_dataset
+from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
 from trainer.loop import NonFiniteLoss, evaluate, train_epoch
 from trainer.models import build_model, family_name, model_spec_from_config
 from trainer.optim.factory import build_optimizer, optimizer_settings
+from trainer.truth import true_learning_coefficient
 
 RUN_FORMAT = 1
 
@@ -41,7 +42,7 @@ class RunExistsError(RuntimeError):
 class RunPlan:
     name: str
     family: str
-    role: str  # "standard", "trunk" or "branch"
+    role: str  # "standard", "trunk", "branch", or "truth" (the teacher's own weights as epoch 0, never trained)
     optimizer: dict
     model_spec: dict
     first_epoch: int  # the epoch this run starts from (its checkpoint is the parent's for a branch)
@@ -63,6 +64,8 @@ def plan_runs(cfg: TrainConfig, model_specs: list[dict]) -> list[RunPlan]:
             parent = {"run": trunk, "epoch": cfg.cut_off_epochs}
             plans += [RunPlan(f"{family}-swap-{o}", family, "branch", optimizer_settings(o, cfg), spec,
                               cfg.cut_off_epochs, cfg.num_epochs, parent) for o in ("sgd", "ngd")]
+        if cfg.truth_checkpoint:
+            plans.append(RunPlan(f"{family}-truth", family, "truth", {"name": "none", "lr": 0.0}, spec, 0, 0))
     for plan in plans:  # run names become folder names under --out
         check_name(plan.name)
     return plans
@@ -164,7 +167,8 @@ class RunTrainer:
                 "experiment_type": self.cfg.experiment_type, "optimizer": p.optimizer, "model_spec": p.model_spec,
                 "dataset_spec": self.dataset_spec, "seed": self.cfg.seed, "parent": p.parent,
                 "epochs": {"first": p.first_epoch, "last": p.last_epoch}, "config": self.cfg.to_dict(),
-                "fingerprint": self.fingerprint, "versions": versions(), "status": status, **extra}
+                "fingerprint": self.fingerprint, "versions": versions(), "status": status,
+                "learning_coefficient": true_learning_coefficient(p.model_spec, self.dataset_spec), **extra}
 
     def _prepare(self):
         """Return (model, optimizer, next epoch, global step, steps rows, epoch rows) to continue from."""
@@ -198,7 +202,10 @@ class RunTrainer:
         p = self.plan
         if p.parent is None:
             torch.manual_seed(self.cfg.seed)  # same seed -> same initial weights for every optimizer
-            model = build_model(p.model_spec).to(self.device)
+            model = build_model(p.model_spec)
+            if p.role == "truth":  # the student's architecture equals the teacher's (checked by the config)
+                model.load_state_dict(build_teacher(self.dataset_spec).state_dict())
+            model.to(self.device)
             step = 0
             # Epoch 0 logs the initial weights' full training-set loss (no minibatches yet).
             train_loss, train_acc = evaluate(model, self.per_sample, self.train_split)
@@ -213,7 +220,7 @@ class RunTrainer:
             model.to(self.device)
             step = parent.meta["step"]
             epoch_rows = []
-        optimizer = build_optimizer(p.optimizer, model.parameters())
+        optimizer = None if p.role == "truth" else build_optimizer(p.optimizer, model.parameters())
         return model, optimizer, p.first_epoch + 1, step, [], epoch_rows
 
     def _resume_from(self, resume_path: Path):

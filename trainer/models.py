@@ -2,6 +2,7 @@
 
 Spec: {"type": "ffnn"|"dlnn"|"cnn"|"layers", "input_shape": [C, H, W] or [D], "outputs": K, ...}
   ffnn/dlnn: "hidden_nodes": H, "hidden_layers": L    (dlnn = the same without ReLU: deep linear net)
+             optional "bias": false                  (no bias vectors; absent means biases, as before)
   cnn:       "extra_layers": E                         (LeNet-5 with E extra 6->6 5x5 "same" convs)
   layers:    "layers": ["conv2d:16:3:1:1:relu", "flatten", "dropout:0.4", "dense:500:relu", "dense:10"]
 Every model outputs logits (or regression values); losses apply the softmax.
@@ -67,6 +68,8 @@ def validate_spec(spec: Any) -> None:
     if kind in ("ffnn", "dlnn"):
         integer("hidden_nodes", 1)
         integer("hidden_layers", 0, MAX_DEPTH)
+        if not isinstance(spec.get("bias", True), bool):
+            raise ValueError(f"model spec 'bias' must be true or false, not {spec['bias']!r}")
     elif kind == "cnn":
         if len(shape) != 3:
             raise ValueError(f"model spec 'input_shape' of a cnn must be [channels, height, width], not {shape!r}")
@@ -84,7 +87,10 @@ def model_spec_from_config(cfg, input_shape: tuple[int, ...], outputs: int) -> l
     """One spec per model of the study: (hidden_nodes, hidden_layers) pairs, conv depths, or the layer list."""
     base = {"type": cfg.model_type, "input_shape": list(input_shape), "outputs": outputs}
     if cfg.model_type in ("ffnn", "dlnn"):
-        return [{**base, "hidden_nodes": h, "hidden_layers": l} for h, l in zip(cfg.hidden_nodes, cfg.hidden_layers)]
+        # "bias" is written only when false, so specs (and their hashes) of models with biases are unchanged
+        no_bias = {} if cfg.bias else {"bias": False}
+        return [{**base, "hidden_nodes": h, "hidden_layers": l, **no_bias}
+                for h, l in zip(cfg.hidden_nodes, cfg.hidden_layers)]
     if cfg.model_type == "cnn":
         return [{**base, "extra_layers": e} for e in cfg.hidden_conv_layers]
     return [{**base, "layers": list(cfg.layers)}]
@@ -93,7 +99,8 @@ def model_spec_from_config(cfg, input_shape: tuple[int, ...], outputs: int) -> l
 def family_name(spec: dict[str, Any]) -> str:
     """Short readable name of a model, used as the prefix of its run names."""
     if spec["type"] in ("ffnn", "dlnn"):
-        return f"{spec['type']}-{spec['hidden_layers']}x{spec['hidden_nodes']}"
+        suffix = "" if spec.get("bias", True) else "-nobias"
+        return f"{spec['type']}-{spec['hidden_layers']}x{spec['hidden_nodes']}{suffix}"
     if spec["type"] == "cnn":
         return f"cnn-{spec['extra_layers']}extra"
     return "layers"
@@ -101,15 +108,15 @@ def family_name(spec: dict[str, Any]) -> str:
 
 def _mlp(spec: dict) -> nn.Module:
     relu = spec["type"] == "ffnn"
-    width, depth = int(spec["hidden_nodes"]), int(spec["hidden_layers"])
+    width, depth, bias = int(spec["hidden_nodes"]), int(spec["hidden_layers"]), spec.get("bias", True)
     mods: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     fan_in = math.prod(spec["input_shape"])
     for i in range(1, depth + 1):
-        mods[f"fc{i}"] = nn.Linear(fan_in, width)
+        mods[f"fc{i}"] = nn.Linear(fan_in, width, bias=bias)
         if relu:
             mods[f"relu{i}"] = nn.ReLU()
         fan_in = width
-    mods["out"] = nn.Linear(fan_in, int(spec["outputs"]))
+    mods["out"] = nn.Linear(fan_in, int(spec["outputs"]), bias=bias)
     return nn.Sequential(mods)
 
 

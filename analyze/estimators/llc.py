@@ -16,9 +16,57 @@ import torch
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
 from analyze.llc_stats import summarize
 from analyze.sgld import SAMPLERS, SGLDSettings, sample_losses
+from trainer.truth import true_learning_coefficient
 
-# Defaults chosen with `analyze calibrate` on the demo's checkpoints (README, "Calibrating the LLC").
-DEFAULTS = dict(chains=4, draws=400, burnin=300, lr=3e-4, localization=100.0, batch_size=128)
+# Defaults that carry over from n = 10^3 to 6 x 10^4 (docs/llc.md; scripts/validate_llc.py measures them):
+# - the step is relative to nbeta: the drift (eps/2) nbeta grad L moves by the same amount at every n;
+# - the localization is absolute: it sets how far the chains roam along flat directions (1/sqrt(gamma), a
+#   matter of the weights' scale, not of n), and its pull against the likelihood (gamma / nbeta) fades as n grows;
+# - the minibatch's gradient noise heats the chains by a factor 1 + eps nbeta^2 h / (4 batch) (h: the loss's
+#   curvature), so a fixed batch overestimates at large n: `auto` takes batch = AUTO_BATCH x eps x nbeta^2,
+#   about 3% at h = 1 whatever n and step (and the cost per unit of sampling time is then the same at every step).
+DEFAULTS = dict(chains=4, draws=1000, burnin=1000, lr="0.03/nbeta", localization="10", batch_size="auto")
+AUTO_BATCH = 8
+
+
+def _scaled(text: str, nbeta: float, flag: str, form: str) -> float:
+    """A positive number, or '<c>/nbeta' (form '/') or '<c>*nbeta' (form '*'); the value at this nbeta."""
+    compact = str(text).replace(" ", "")
+    suffix = f"{form}nbeta"
+    try:
+        if compact.endswith(suffix):
+            c = float(compact[:-len(suffix)])
+            value = c / nbeta if form == "/" else c * nbeta
+        else:
+            value = c = float(compact)
+    except ValueError:
+        raise EstimatorError(f"{flag}: {text!r} is neither a number nor '<number>{suffix}'") from None
+    if not (math.isfinite(c) and (c > 0 if form == "/" else c >= 0)):
+        raise EstimatorError(f"{flag}: {text!r} must be {'positive' if form == '/' else 'non-negative'}")
+    return value
+
+
+def parse_lr(text: str, nbeta: float) -> float:
+    """SGLD step eps: a number, or 'c/nbeta' (the drift's effective step eps x nbeta is then c at every n)."""
+    return _scaled(text, nbeta, "--llc-lr", "/")
+
+
+def parse_localization(text: str, nbeta: float) -> float:
+    """Localization gamma: a number, or 'c*nbeta' (gamma / nbeta, its weight against the likelihood, is c)."""
+    return _scaled(text, nbeta, "--llc-localization", "*")
+
+
+def parse_batch_size(text: str, lr: float, nbeta: float, n: int) -> int:
+    """Minibatch: a whole number (0 = full batch), or 'auto': AUTO_BATCH x eps x nbeta^2, rounded up, at most n."""
+    if str(text).strip() == "auto":
+        return min(n, max(1, math.ceil(AUTO_BATCH * lr * nbeta ** 2)))
+    try:
+        value = int(text)
+    except ValueError:
+        raise EstimatorError(f"--llc-batch-size: {text!r} is neither a whole number nor 'auto'") from None
+    if value < 0:
+        raise EstimatorError(f"--llc-batch-size: {text!r} must be >= 0 (0 = full batch)")
+    return value
 
 
 def parse_nbeta(text: str, n: int) -> float:
@@ -54,15 +102,20 @@ def chance_loss(splits, y: torch.Tensor) -> float:
 
 class LLCEstimator(Estimator):
     name = "llc"
+    version = 2  # between-chain standard errors, drift, relative step and localization
     tables = ("llc", "llc_chains")
     options = (
         Option("chains", int, DEFAULTS["chains"], "number of SGLD chains"),
         Option("draws", int, DEFAULTS["draws"], "kept draws per chain (after burn-in)"),
         Option("burnin", int, DEFAULTS["burnin"], "discarded steps per chain before the draws"),
-        Option("lr", float, DEFAULTS["lr"], "SGLD step size eps"),
-        Option("localization", float, DEFAULTS["localization"], "strength gamma of the pull back to the checkpoint"),
+        Option("lr", str, DEFAULTS["lr"], "SGLD step size eps: a number, or 'c/nbeta' (eps x nbeta = c, the same "
+               "effective step at every n)"),
+        Option("localization", str, DEFAULTS["localization"], "strength gamma of the pull back to the checkpoint: "
+               "a number, or 'c*nbeta' (gamma / nbeta = c at every n)"),
         Option("nbeta", str, "n/log n", "inverse temperature times n: a number, or 'n/log n' (WBIC's)"),
-        Option("batch_size", int, DEFAULTS["batch_size"], "SGLD minibatch size; 0 = full-batch gradients"),
+        Option("batch_size", str, DEFAULTS["batch_size"], "SGLD minibatch size: a number (0 = full-batch gradients), "
+               f"or 'auto' ({AUTO_BATCH} x eps x nbeta^2, at most n: the minibatch's gradient noise then heats the "
+               "chains by about 3%% at every n and step)"),
         Option("seed", int, 0, "seed of the chains' batches and noise"),
         Option("sampler", str, "sgld", "sgld, or rmsprop-sgld (diagonal RMSProp preconditioning, as devinterp's)",
                choices=SAMPLERS),
@@ -76,17 +129,20 @@ class LLCEstimator(Estimator):
         for key in ("chains", "draws", "thin"):
             if o[key] < 1:
                 raise EstimatorError(f"--llc-{key}: must be >= 1")
-        if o["burnin"] < 0 or o["batch_size"] < 0:
-            raise EstimatorError("--llc-burnin and --llc-batch-size must be >= 0")
-        if not (o["lr"] > 0 and o["localization"] >= 0):
-            raise EstimatorError("--llc-lr must be > 0 and --llc-localization >= 0")
-        parse_nbeta(o["nbeta"], 100)  # syntax check; the value depends on n
+        if o["burnin"] < 0:
+            raise EstimatorError("--llc-burnin must be >= 0")
+        # syntax checks; the values depend on n
+        parse_lr(o["lr"], 1.0), parse_localization(o["localization"], 1.0), parse_nbeta(o["nbeta"], 100)
+        parse_batch_size(o["batch_size"], 1.0, 1.0, 1)
 
     def settings(self, n: int) -> SGLDSettings:
         o = self.opts
-        return SGLDSettings(lr=o["lr"], localization=o["localization"], nbeta=parse_nbeta(o["nbeta"], n),
+        nbeta = parse_nbeta(o["nbeta"], n)
+        lr = parse_lr(o["lr"], nbeta)
+        return SGLDSettings(lr=lr, localization=parse_localization(o["localization"], nbeta), nbeta=nbeta,
                             chains=o["chains"], draws=o["draws"], burnin=o["burnin"],
-                            batch_size=o["batch_size"], seed=o["seed"], sampler=o["sampler"])
+                            batch_size=parse_batch_size(o["batch_size"], lr, nbeta, n), seed=o["seed"],
+                            sampler=o["sampler"])
 
     def sample(self, ctx: Context, settings: SGLDSettings) -> np.ndarray:
         x, y = ctx.splits.train.x.to(ctx.device), ctx.splits.train.y.to(ctx.device)
@@ -105,8 +161,14 @@ class LLCEstimator(Estimator):
         traces = self.sample(ctx, settings)
         kept = traces[:, settings.burnin:]
         row = summarize(kept, init, settings.nbeta, n, chance_loss(ctx.splits, y))
+        meta = ctx.checkpoint.meta
+        truth = true_learning_coefficient(meta["model_spec"], meta["dataset_spec"]) if "model_spec" in meta else None
         row.update(wbic_exact=bool(math.isclose(settings.nbeta, n / math.log(n)) and settings.localization == 0),
                    nbeta=settings.nbeta, lr=settings.lr, localization=settings.localization,
+                   lr_option=self.opts["lr"], localization_option=self.opts["localization"],
+                   batch_size_option=self.opts["batch_size"],
+                   lr_nbeta=settings.lr * settings.nbeta, localization_per_nbeta=settings.localization / settings.nbeta,
+                   llc_truth=truth["value"] if truth else math.nan,
                    n_chains=settings.chains, n_draws=settings.draws, n_burnin=settings.burnin,
                    batch_size=settings.batch_size, n=n, backend=self.opts["backend"],
                    sampler=self.opts["sampler"], seconds=time.perf_counter() - start)

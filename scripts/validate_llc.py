@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""The LLC truth suite: estimates against learning coefficients theory gives, across n and model size.
+
+Every case is a regression teacher (inputs N(0, I), Gaussian noise sigma 1) and a student that can realise
+it: linear regression (a regular model, lambda = d / 2) and bias-free deep linear networks (Aoyagi 2024,
+Theorem 1), with full-rank and rank-deficient teachers. Each is trained with `train-ckpts` (SGD, with
+`--truth-checkpoint`), and the LLC is estimated with the `llc` estimator at two points: the true parameter
+(the `-truth` run's checkpoint) and the trained student (the last epoch). Columns: the estimate at the
+defaults and, with --calibrate, at `analyze calibrate`'s recommendation for that checkpoint, with the
+relative error against the truth and the seconds taken. `gap` = nbeta (L_n(w_0) - L_n(trained)): the true
+parameter w_0 is not the minimum of the empirical loss, so the estimate there is expected to sit below the
+trained student's by about this much (about lambda / log n for a regular model).
+
+Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick] [--doc docs/llc-validation.md]
+       [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
+--quick runs a small subset (the tests use it); the full suite with --calibrate takes about 20 minutes here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from analyze.calibrate import calibrate, context_for  # noqa: E402
+from analyze.estimators.llc import LLCEstimator  # noqa: E402
+from trainer.checkpoints import checkpoint_name  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.experiment import run_experiment  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    input_dim: int
+    outputs: int
+    hidden_nodes: int
+    hidden_layers: int  # 0: linear regression
+    rank: int | None  # teacher rank (None: full)
+    samples: int  # all splits; training n = 0.9 x samples
+    bias: bool = False
+
+    def config(self, out: Path) -> TrainConfig:
+        return TrainConfig(
+            dataset="teacher", teacher_task="regression", teacher_samples=self.samples,
+            teacher_input_dim=self.input_dim, teacher_outputs=self.outputs, teacher_noise_sigma=1.0,
+            teacher_model_type="dlnn", teacher_hidden_nodes=self.hidden_nodes, teacher_hidden_layers=self.hidden_layers,
+            teacher_bias=self.bias, teacher_rank=self.rank, truth_checkpoint=True,
+            model_type="dlnn", hidden_nodes=[self.hidden_nodes], hidden_layers=[self.hidden_layers], bias=self.bias,
+            experiment_type="standard", optimizer="sgd", sgd_lr=0.05, momentum=0.9, batch_size=self.samples,
+            num_epochs=EPOCHS, val_fraction=0.05, test_fraction=0.05, seed=1, out=str(out / self.name),
+            quiet=True, resume=True)
+
+
+EPOCHS = 300  # full-batch gradient descent: the trained student is at the empirical minimum
+CASES = [
+    Case("linreg-4to2", 4, 2, 1, 0, None, 1_100, bias=True),  # d = 10
+    Case("linreg-10to3", 10, 3, 1, 0, None, 11_100, bias=True),  # d = 33
+    Case("linreg-20to5", 20, 5, 1, 0, None, 66_600, bias=True),  # d = 105
+    Case("linreg-30to9", 30, 9, 1, 0, None, 11_100, bias=True),  # d = 279
+    Case("dln-5x2-r5", 5, 5, 5, 2, None, 11_100),  # 5-5-5-5, full rank
+    Case("dln-10x4x2-r2", 10, 10, 4, 2, 2, 11_100),  # 10-4-4-10, rank 2
+    Case("dln-8x3-r3", 8, 8, 8, 3, 3, 1_100),  # 8-8-8-8-8, rank 3
+    Case("dln-20x10-r5", 20, 20, 10, 1, 5, 66_600),  # 20-10-20, rank 5
+]
+QUICK = ["linreg-4to2", "dln-8x3-r3"]
+
+
+def checkpoints(case: Case, out: Path) -> dict[str, Path]:
+    """Train the case (or reuse a finished run) and return its truth and trained-student checkpoints."""
+    cfg = case.config(out)
+    run_experiment(cfg, log=lambda *a: None)
+    family = next(p for p in (out / case.name).iterdir() if p.name.endswith("-truth")).name[:-len("-truth")]
+    return {"truth": out / case.name / f"{family}-truth" / checkpoint_name(0),
+            "trained": out / case.name / f"{family}-sgd" / checkpoint_name(EPOCHS)}
+
+
+def estimate(path: Path, options: dict) -> dict:
+    start = time.perf_counter()
+    row = LLCEstimator(**options).run(context_for(path))["llc"].iloc[0].to_dict()
+    row["wall_seconds"] = time.perf_counter() - start
+    return row
+
+
+def context_loss(path: Path) -> float:
+    """L_n at a checkpoint (full training set, as the estimator's baseline)."""
+    from analyze.estimators.llc import full_loss
+
+    ctx = context_for(path)
+    return full_loss(ctx.per_sample_loss, ctx.splits.train.x, ctx.splits.train.y, ctx.model)
+
+
+def calibrated(path: Path, options: dict) -> dict:
+    """analyze calibrate's recommendation for this checkpoint, then the estimator at that setting."""
+    start = time.perf_counter()
+    table = calibrate(context_for(path), progress=False, **calibration_args(options))
+    rec = table[table.recommended]
+    if not len(rec):
+        return {"llc_mean": float("nan"), "llc_sem": float("nan"), "wall_seconds": time.perf_counter() - start,
+                "setting": "none qualified"}
+    r = rec.iloc[0]
+    row = estimate(path, {**options, "lr": r.lr_option, "localization": r.localization_option})
+    row["wall_seconds"] = time.perf_counter() - start
+    row["setting"] = f"lr {r.lr_option}, loc {r.localization_option}"
+    return row
+
+
+def calibration_args(options: dict) -> dict:
+    """The arguments `analyze calibrate CKPT` uses by default (its grid and chain lengths)."""
+    from analyze.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID
+
+    common = {"draws": CALIBRATION_LENGTH, "burnin": CALIBRATION_LENGTH,
+              **{k: v for k, v in options.items() if k not in ("lr", "localization", "nbeta", "draws", "burnin")}}
+    return {"lrs": DEFAULT_GRID["lr"], "localizations": DEFAULT_GRID["localization"], "nbetas": ["n/log n"],
+            "common": common}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="llc-truth", help="folder for the trained cases (reused when present)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    ap.add_argument("--cases", help="comma-separated case names (default: all)")
+    ap.add_argument("--calibrate", action="store_true", help="also estimate at analyze calibrate's recommendation")
+    ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/llc-validation.md)")
+    ap.add_argument("--json", help="write the rows as JSON lines to this file")
+    args, extra = ap.parse_known_args(argv)
+    options = {}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if not flag.startswith("--llc-"):
+            ap.error(f"unknown option {flag}")
+        options[flag[6:].replace("-", "_")] = value
+    names = QUICK if args.quick else (args.cases.split(",") if args.cases else [c.name for c in CASES])
+    out = Path(args.out)
+    start = time.perf_counter()
+    rows = []
+    for case in (c for c in CASES if c.name in names):
+        paths = checkpoints(case, out)
+        trained_loss = context_loss(paths["trained"])
+        for point, path in paths.items():
+            d = estimate(path, options)
+            row = {"case": case.name, "point": point, "n": d["n"], "d": sum(
+                p.numel() for p in context_for(path).model.parameters()), "truth": d["llc_truth"],
+                   "llc": d["llc_mean"], "sem": d["llc_sem"], "drift": d["drift"], "rhat": d["rhat"],
+                   "error": d["llc_mean"] / d["llc_truth"] - 1, "seconds": d["wall_seconds"],
+                   # the true parameter is not the empirical loss's minimum: the estimate there is expected to
+                   # sit below the one at the trained student by about this much
+                   "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
+                   "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
+            if args.calibrate:
+                c = calibrated(path, options)
+                row.update(cal_llc=c["llc_mean"], cal_sem=c["llc_sem"], cal_error=c["llc_mean"] / d["llc_truth"] - 1,
+                           cal_seconds=c["wall_seconds"], cal_setting=c.get("setting"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print("\n".join(summary(table)))
+    if args.doc:
+        write_doc(Path(args.doc), table, options, time.perf_counter() - start)
+    return 0
+
+
+def summary(table: pd.DataFrame) -> list[str]:
+    lines = []
+    for column, target, label in (("error", 0.25, "defaults"), ("cal_error", 0.15, "calibrate's recommendation")):
+        if column in table:
+            err = table[column].abs()
+            worst = table.loc[err.idxmax()] if err.notna().any() else None
+            where = f" (worst: {worst.case} at the {worst.point} point, {worst[column]:+.0%})" if worst is not None else ""
+            lines.append(f"- {label}: {int((err <= target).sum())} of {len(table)} estimates within {target:.0%} of "
+                         f"the truth; largest error {err.max():.0%}{where}")
+    return lines
+
+
+def write_doc(path: Path, table: pd.DataFrame, options: dict, seconds: float) -> None:
+    settings = ", ".join(f"--llc-{k.replace('_', '-')} {v}" for k, v in options.items()) or "the defaults"
+    path.write_text(
+        "# LLC validation: estimates against known learning coefficients\n\n"
+        "Written by `scripts/validate_llc.py` (do not edit by hand). " + __doc__.split("\n\n")[1].replace("\n", " ")
+        + "\n\nSettings: " + settings + f". Whole run: {seconds / 60:.1f} min on this machine.\n\n"
+        + "\n".join(summary(table)) + "\n\n" + markdown(table) + "\n")
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Truth models: bias-free nets, rank-r teachers, the teacher as a checkpoint, and the learning coefficient
+the run records (checked against the closed forms)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_ckpts
+from trainer.checkpoints import checkpoint_name, read_checkpoint
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import build_teacher, dataset_spec_from_config
+from trainer.learning_coefficient import deep_linear
+from trainer.truth import true_learning_coefficient
+
+TEACHER = dict(dataset="teacher", teacher_task="regression", teacher_samples=400, teacher_input_dim=6,
+               teacher_outputs=5, teacher_noise_sigma=1.0, teacher_model_type="dlnn", teacher_hidden_nodes=4,
+               teacher_hidden_layers=2, teacher_bias=False, teacher_rank=2)
+
+
+def test_truth_run_holds_the_rank_r_teacher_and_records_aoyagis_coefficient(tmp_path):
+    out = make_ckpts(tmp_path / "ck", **TEACHER, model_type="dlnn", hidden_nodes=[4], hidden_layers=[2], bias=False,
+                     experiment_type="standard", optimizer="sgd", num_epochs=1, truth_checkpoint=True)
+    truth = read_checkpoint(out / "dlnn-2x4-nobias-truth" / checkpoint_name(0))
+    assert not any("bias" in k for k in truth.tensors)
+    product = truth.tensors["out.weight"] @ truth.tensors["fc2.weight"] @ truth.tensors["fc1.weight"]
+    singular = torch.linalg.svdvals(product.double())
+    assert (singular[2:] < 1e-5).all() and (singular[:2] > 0.1).all()  # rank exactly 2, well resolved
+    teacher = build_teacher(truth.meta["dataset_spec"])
+    assert all(torch.equal(v, truth.tensors[k]) for k, v in teacher.state_dict().items())
+    record = json.loads((out / "dlnn-2x4-nobias-truth" / "run.json").read_text())
+    assert record["role"] == "truth" and record["status"] == "complete"
+    assert record["learning_coefficient"]["value"] == deep_linear([6, 4, 4, 5], 2)
+    trained = json.loads((out / "dlnn-2x4-nobias-sgd" / "run.json").read_text())
+    assert trained["learning_coefficient"] == record["learning_coefficient"]
+
+
+def test_bias_flag_defaults_to_biases_and_keeps_earlier_specs():
+    cfg = TrainConfig(dataset="teacher", model_type="dlnn")
+    spec = dataset_spec_from_config(cfg)
+    assert "bias" not in spec["teacher_model"] and "teacher_rank" not in spec  # unchanged specs, unchanged hashes
+    from trainer.models import build_model, model_spec_from_config
+
+    (model_spec,) = model_spec_from_config(TrainConfig(model_type="dlnn", bias=False), (6,), 3)
+    assert model_spec["bias"] is False
+    assert all(m.bias is None for m in build_model(model_spec).modules() if isinstance(m, torch.nn.Linear))
+
+
+def spec(widths, bias, teacher_bias=False, rank=None, task="regression", teacher_type="dlnn"):
+    s = {"name": "teacher", "task": task, "teacher_model": {
+        "type": teacher_type, "input_shape": [widths[0]], "outputs": widths[-1], "hidden_nodes": 3,
+        "hidden_layers": 1, **({} if teacher_bias else {"bias": False})}}
+    if rank is not None:
+        s["teacher_rank"] = rank
+    model = {"type": "dlnn", "input_shape": [widths[0]], "outputs": widths[-1], "hidden_nodes": widths[1] if
+             len(widths) > 2 else 1, "hidden_layers": len(widths) - 2, **({} if bias else {"bias": False})}
+    return model, s
+
+
+def test_known_learning_coefficients():
+    # linear regression: regular, d / 2 (weights and biases)
+    assert true_learning_coefficient(*spec([10, 3], bias=True, teacher_bias=True))["value"] == (10 * 3 + 3) / 2
+    # bias-free deep linear net: Aoyagi; with biases: + d_out / 2
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=False, rank=2))["value"] == deep_linear([4, 5, 6], 2)
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=True, rank=2))["value"] == deep_linear([4, 5, 6], 2) + 3
+    # the default teacher (hidden width 3) is full rank: min of its widths
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=False))["value"] == deep_linear([4, 5, 6], 3)
+    # unknown: classification, a nonlinear teacher, a teacher the student cannot realise
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=False, task="classification")) is None
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=False, teacher_type="ffnn")) is None
+    assert true_learning_coefficient(*spec([4, 2, 6], bias=False, rank=3)) is None  # rank above the bottleneck
+    assert true_learning_coefficient(*spec([4, 5, 6], bias=False, teacher_bias=True)) is None  # offset unreachable
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(truth_checkpoint=True, hidden_nodes=[5]), "truth_checkpoint"),
+    (dict(truth_checkpoint=True, dataset="digits"), "truth_checkpoint"),
+    (dict(teacher_rank=9), "teacher_rank"),
+    (dict(teacher_rank=1, teacher_model_type="ffnn"), "teacher_rank"),
+])
+def test_truth_options_are_checked(overrides, key):
+    settings = {**TEACHER, "model_type": "dlnn", "hidden_nodes": [4], "hidden_layers": [2], "bias": False,
+                "experiment_type": "standard", "optimizer": "sgd", **overrides}
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig(**settings).validate()

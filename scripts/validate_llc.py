@@ -194,11 +194,14 @@ def write_doc(path: Path, table: pd.DataFrame, options: dict, seconds: float) ->
 
 
 def markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    def cell(column, v):
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.3f}" if column == "rhat" else f"{v:+.0%}" if column.endswith("error") else f"{v:.3g}"
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(table.columns, row)) + " |"
+              for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 

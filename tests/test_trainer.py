@@ -242,11 +242,15 @@ def test_unparseable_config_file_names_it(tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
 
 
-def test_missing_dataset_folder_names_the_expected_files(tmp_path, capsys):
+def test_missing_dataset_folder_names_the_expected_files_and_the_package(tmp_path, capsys, monkeypatch):
+    import trainer.data
+
+    monkeypatch.setitem(trainer.data.DEBIAN_FOLDERS, "fashion-mnist", tmp_path / "no-package")
     assert main(["--dataset", "fashion-mnist", "--data-root", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert "FashionMNIST/raw" in err and "train-images-idx3-ubyte" in err and len(err.strip().splitlines()) == 1
+    assert "apt-get install dataset-fashion-mnist" in err
 
 
 def test_existing_run_is_refused_unless_overwrite(tmp_path, capsys):

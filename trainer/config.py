@@ -38,10 +38,12 @@ def _list_opt(default: list, help: str, **kw):
 class TrainConfig:
     # --- data
     dataset: str = _opt("digits", "dataset: " + ", ".join(DATASETS))
-    data_root: str = _opt("data", "folder with torchvision-layout datasets (mnist, fashion-mnist, cifar10)")
+    data_root: str = _opt("data", "folder with torchvision-layout datasets (mnist, fashion-mnist, cifar10); "
+                                  "fashion-mnist is also read from Debian's package dataset-fashion-mnist")
     val_fraction: float = _opt(0.15, "fraction of the training pool held out for validation")
     test_fraction: float = _opt(0.2, "fraction held out for test (digits and teacher; torchvision sets use their test split)")
     data_seed: int | None = _opt(None, "seed of the train/val/test split (none: use --seed)")
+    train_samples: int = _opt(0, "train on the first N training samples only (0 = all): quick runs on large datasets")
     batch_size: int = _opt(32, "minibatch size")
     num_workers: int = _opt(0, "accepted for the study's args files; unused (every dataset is held in memory as tensors)")
     # --- teacher (synthetic) dataset
@@ -142,6 +144,8 @@ class TrainConfig:
             if student != teacher:
                 fail("truth_checkpoint", f"the student {student} must have the teacher's architecture {teacher} "
                                          "(type, hidden nodes, hidden layers, bias)")
+        if not isinstance(self.train_samples, int) or self.train_samples < 0:
+            fail("train_samples", f"{self.train_samples!r} must be a non-negative integer (0 = all)")
         if self.ckpt_every_steps < 0:
             fail("ckpt_every_steps", "must be >= 0")
         if self.model_type in ("ffnn", "dlnn"):

@@ -67,6 +67,8 @@ def dataset_spec_from_config(cfg) -> dict[str, Any]:
     if cfg.dataset in TORCHVISION_FILES:
         spec["root"] = str(Path(cfg.data_root).expanduser().resolve())
         del spec["test_fraction"]  # torchvision sets come with their own test split
+    if cfg.train_samples:
+        spec["train_samples"] = cfg.train_samples  # written only when set: earlier specs are unchanged
     if cfg.dataset == "teacher":
         spec.update(task=cfg.teacher_task, samples=cfg.teacher_samples, input_dim=cfg.teacher_input_dim,
                     outputs=cfg.teacher_outputs,
@@ -83,16 +85,29 @@ def dataset_spec_from_config(cfg) -> dict[str, Any]:
     return spec
 
 
+# Where Debian's packages install the original gzipped IDX files (apt-get install dataset-fashion-mnist);
+# read when the data folder does not hold the dataset.
+DEBIAN_FOLDERS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+
+
 def load_dataset(spec: dict[str, Any], root: str | None = None) -> Splits:
     """Rebuild the splits a spec describes; `root` overrides the spec's data folder (another machine)."""
     name = spec.get("name")
     if name == "digits":
-        return _digits(spec)
-    if name == "teacher":
-        return _teacher(spec)
-    if name in TORCHVISION_FILES:
-        return _torchvision(spec, Path(root or spec.get("root") or "data"))
-    raise DataError(f"unknown dataset {name!r} in dataset spec")
+        splits = _digits(spec)
+    elif name == "teacher":
+        splits = _teacher(spec)
+    elif name in ("mnist", "fashion-mnist"):
+        splits = _idx_dataset(spec, Path(root or spec.get("root") or "data"))
+    elif name in TORCHVISION_FILES:
+        splits = _torchvision(spec, Path(root or spec.get("root") or "data"))
+    else:
+        raise DataError(f"unknown dataset {name!r} in dataset spec")
+    if spec.get("train_samples"):  # a quick run on the first N training samples
+        keep = spec["train_samples"]
+        splits.train = Split(splits.train.x[:keep], splits.train.y[:keep])
+    return splits
 
 
 def _three_way_split(n: int, spec: dict, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -160,6 +175,58 @@ def _teacher(spec: dict) -> Splits:
     return Splits(Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]),
                   task=spec["task"], input_shape=(spec["input_dim"],), outputs=spec["outputs"],
                   noise_sigma=sigma)
+
+
+def _idx_files(name: str, root: Path) -> dict[str, Path]:
+    """The four IDX files of MNIST / Fashion-MNIST: torchvision's raw folder under `root` (plain or .gz),
+    else the folder Debian's package installs; a DataError naming both places and the package otherwise."""
+    sub, files = TORCHVISION_FILES[name]
+    found = {}
+    for f in files:
+        for candidate in (root / sub / f, root / sub / (f + ".gz")):
+            if candidate.is_file():
+                found[f] = candidate
+                break
+    if len(found) == len(files):
+        return found
+    debian = DEBIAN_FOLDERS.get(name)
+    if debian is not None and all((debian / (f + ".gz")).is_file() for f in files):
+        return {f: debian / (f + ".gz") for f in files}
+    missing = [f for f in files if f not in found]
+    where = f"not found in {root / sub} (torchvision's layout: {', '.join(files)}, plain or .gz; missing {', '.join(missing)})"
+    if debian is not None:
+        where += f" nor in {debian} (apt-get install {DEBIAN_PACKAGES[name]})"
+    else:
+        where += "; put torchvision's layout under --data-root"
+    raise DataError(f"{name}: dataset files {where}")
+
+
+def _idx_dataset(spec: dict, root: Path) -> Splits:
+    """MNIST / Fashion-MNIST read from their IDX files: the same tensors torchvision's classes give."""
+    from trainer.idx import IDXError, read_idx
+
+    name = spec["name"]
+    files = _idx_files(name, root)
+    try:
+        arrays = {f: read_idx(path, (None, 28, 28) if "images" in f else (None,)) for f, path in files.items()}
+    except IDXError as e:
+        raise DataError(f"{name}: {e}") from None
+    mean, std = NORMALISATION[name]
+
+    def split(kind: str) -> Split:
+        images, labels = arrays[f"{kind}-images-idx3-ubyte"], arrays[f"{kind}-labels-idx1-ubyte"]
+        if len(images) != len(labels):
+            raise DataError(f"{name}: {files[f'{kind}-images-idx3-ubyte']} holds {len(images)} images but "
+                            f"{files[f'{kind}-labels-idx1-ubyte']} {len(labels)} labels")
+        x = (torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0 - mean[0]) / std[0]
+        return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+    pool, test_split = split("train"), split("t10k")
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(spec["split_seed"]))
+    n_val = int(round(len(pool) * spec["val_fraction"]))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    return Splits(Split(pool.x[train_idx], pool.y[train_idx]), Split(pool.x[val_idx], pool.y[val_idx]),
+                  test_split, task="classification", input_shape=(1, 28, 28), outputs=10)
 
 
 def _torchvision(spec: dict, root: Path) -> Splits:

@@ -4,6 +4,7 @@ the run records (checked against the closed forms)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -85,3 +86,23 @@ def test_truth_options_are_checked(overrides, key):
                 "experiment_type": "standard", "optimizer": "sgd", **overrides}
     with pytest.raises(ConfigError, match=key):
         TrainConfig(**settings).validate()
+
+
+def test_validation_suite_quick_subset_lands_within_25_percent_of_the_truth(tmp_path, monkeypatch):
+    """scripts/validate_llc.py --quick: linear regression and a rank-3 deep linear net (n = 990), trained by
+    train-ckpts, estimated at the defaults at the true parameter and at the trained student."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "validate_llc.py"
+    spec = importlib.util.spec_from_file_location("validate_llc", script)
+    validate = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "validate_llc", validate)  # its dataclasses look themselves up there
+    spec.loader.exec_module(validate)
+    rows = tmp_path / "rows.jsonl"
+    assert validate.main(["--quick", "--out", str(tmp_path / "cases"), "--json", str(rows)]) == 0
+    table = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert {(r["case"], r["point"]) for r in table} == {(c, p) for c in validate.QUICK for p in ("truth", "trained")}
+    for r in table:
+        assert abs(r["error"]) < 0.25, r
+        assert r["truth"] == (5.0 if r["case"] == "linreg-4to2" else deep_linear([8, 8, 8, 8, 8], 3))

@@ -132,8 +132,10 @@ class LLCEstimator(Estimator):
                 raise EstimatorError(f"--llc-{key}: must be >= 1")
         if o["burnin"] < 0:
             raise EstimatorError("--llc-burnin must be >= 0")
-        # syntax checks; the values depend on n
-        parse_lr(o["lr"], 1.0), parse_localization(o["localization"], 1.0), parse_nbeta(o["nbeta"], 100)
+        # syntax checks only: the values depend on n
+        parse_lr(o["lr"], 1.0)
+        parse_localization(o["localization"], 1.0)
+        parse_nbeta(o["nbeta"], 100)
         parse_batch_size(o["batch_size"], 1.0, 1.0, 1)
 
     def settings(self, n: int) -> SGLDSettings:

@@ -84,11 +84,16 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
         steps = sorted(lrs, key=lambda t: parse_lr(t, nbeta), reverse=True)
         largest = parse_lr(steps[0], nbeta)
         grid = [(lr, loc) for loc in localizations for lr in steps]
-        for lr, loc in tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress, file=sys.stderr):
+        for k, (lr, loc) in enumerate(tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress,
+                                           file=sys.stderr)):
             stretch = largest / parse_lr(lr, nbeta)
+            # Each grid point gets its own chain seeds: with one seed for all, a single unlucky set of chains
+            # (a chance |drift| > 3) repeated at every step and localization and disqualified them all at once,
+            # and the agreement test assumes independent estimates.
             est = LLCEstimator(lr=lr, localization=loc, nbeta=nb,
                                **{**common, "draws": round(common["draws"] * stretch),
-                                  "burnin": round(common["burnin"] * stretch)})
+                                  "burnin": round(common["burnin"] * stretch),
+                                  "seed": common.get("seed", 0) * 1009 + k})
             r = est.run(ctx)["llc"].iloc[0].to_dict()
             rows.append({"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
                          "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],

@@ -205,6 +205,13 @@ def test_chain_table_thinning_and_burnin(mlp_context):
     (dict(backend="jax"), "--llc-backend"),
     (dict(chains="two"), "--llc-chains"),
     (dict(colour=1), "--llc-colour"),
+    (dict(lr="fast"), "--llc-lr"),
+    (dict(lr="0/nbeta"), "--llc-lr"),
+    (dict(lr="-1e-4"), "--llc-lr"),
+    (dict(localization="lots*nbeta"), "--llc-localization"),
+    (dict(localization="-1"), "--llc-localization"),
+    (dict(batch_size="big"), "--llc-batch-size"),
+    (dict(batch_size="-5"), "--llc-batch-size"),
 ])
 def test_bad_options_name_the_flag(options, flag):
     with pytest.raises(EstimatorError, match=flag):
@@ -265,6 +272,18 @@ def test_standard_error_matches_the_spread_over_chain_seeds(mlp_context):
                              .run(ctx)["llc"].iloc[0] for seed in range(20)])
         spread, reported = rows.llc_mean.std(ddof=1), rows.llc_sem.mean()
         assert spread / 1.5 < reported < spread * 1.5, (spread, reported)
+
+
+def test_relative_options_take_their_value_at_this_nbeta():
+    from analyze.estimators.llc import AUTO_BATCH
+
+    settings = LLCEstimator(lr="0.03/nbeta", localization="0.5*nbeta", batch_size="auto").settings(n=10_000)
+    nbeta = 10_000 / math.log(10_000)
+    assert settings.nbeta == pytest.approx(nbeta)
+    assert settings.lr * settings.nbeta == pytest.approx(0.03) and settings.localization == pytest.approx(0.5 * nbeta)
+    assert settings.batch_size == math.ceil(AUTO_BATCH * 0.03 * nbeta)
+    assert LLCEstimator(lr="1/nbeta", batch_size="auto").settings(n=100).batch_size == 100  # at most n
+    assert LLCEstimator(lr="1e-4", localization="100", batch_size="64").settings(n=5000).lr == 1e-4
 
 
 def test_drift_flags_a_chain_still_settling():

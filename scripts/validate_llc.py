@@ -83,31 +83,23 @@ def checkpoints(case: Case, out: Path) -> dict[str, Path]:
             "trained": out / case.name / f"{family}-sgd" / checkpoint_name(EPOCHS)}
 
 
-def estimate(path: Path, options: dict) -> dict:
+def estimate(ctx, options: dict) -> dict:
     start = time.perf_counter()
-    row = LLCEstimator(**options).run(context_for(path))["llc"].iloc[0].to_dict()
+    row = LLCEstimator(**options).run(ctx)["llc"].iloc[0].to_dict()
     row["wall_seconds"] = time.perf_counter() - start
     return row
 
 
-def context_loss(path: Path) -> float:
-    """L_n at a checkpoint (full training set, as the estimator's baseline)."""
-    from analyze.estimators.llc import full_loss
-
-    ctx = context_for(path)
-    return full_loss(ctx.per_sample_loss, ctx.splits.train.x, ctx.splits.train.y, ctx.model)
-
-
-def calibrated(path: Path, options: dict) -> dict:
+def calibrated(ctx, options: dict) -> dict:
     """analyze calibrate's recommendation for this checkpoint, then the estimator at that setting."""
     start = time.perf_counter()
-    table = calibrate(context_for(path), progress=False, **calibration_args(options))
+    table = calibrate(ctx, progress=False, **calibration_args(options))
     rec = table[table.recommended]
     if not len(rec):
         return {"llc_mean": float("nan"), "llc_sem": float("nan"), "wall_seconds": time.perf_counter() - start,
                 "setting": "none qualified"}
     r = rec.iloc[0]
-    row = estimate(path, {**options, "lr": r.lr_option, "localization": r.localization_option})
+    row = estimate(ctx, {**options, "lr": r.lr_option, "localization": r.localization_option})
     row["wall_seconds"] = time.perf_counter() - start
     row["setting"] = f"lr {r.lr_option}, loc {r.localization_option}"
     return row
@@ -143,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = []
     for case in (c for c in CASES if c.name in names):
-        paths = checkpoints(case, out)
-        trained_loss = context_loss(paths["trained"])
-        for point, path in paths.items():
-            d = estimate(path, options)
+        contexts = {point: context_for(path) for point, path in checkpoints(case, out).items()}
+        estimates = {point: estimate(ctx, options) for point, ctx in contexts.items()}
+        trained_loss = estimates["trained"]["init_loss"]  # L_n at the trained student, the estimator's baseline
+        for point, ctx in contexts.items():
+            d = estimates[point]
             row = {"case": case.name, "point": point, "n": d["n"], "d": sum(
-                p.numel() for p in context_for(path).model.parameters()), "truth": d["llc_truth"],
+                p.numel() for p in ctx.model.parameters()), "truth": d["llc_truth"],
                    "llc": d["llc_mean"], "sem": d["llc_sem"], "drift": d["drift"], "rhat": d["rhat"],
                    "error": d["llc_mean"] / d["llc_truth"] - 1, "seconds": d["wall_seconds"],
                    # the true parameter is not the empirical loss's minimum: the estimate there is expected to
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
                    "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
             if args.calibrate:
-                c = calibrated(path, options)
+                c = calibrated(ctx, options)
                 row.update(cal_llc=c["llc_mean"], cal_sem=c["llc_sem"], cal_error=c["llc_mean"] / d["llc_truth"] - 1,
                            cal_seconds=c["wall_seconds"], cal_setting=c.get("setting"))
             rows.append(row)

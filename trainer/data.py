@@ -221,26 +221,30 @@ def _idx_dataset(spec: dict, root: Path) -> Splits:
         x = (torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0 - mean[0]) / std[0]
         return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
 
-    pool, test_split = split("train"), split("t10k")
+    return _with_validation(split("train"), split("t10k"), spec)
+
+
+def _with_validation(pool: Split, test: Split, spec: dict) -> Splits:
+    """A 10-class image dataset's splits: validation carved from the training pool by the split seed."""
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(spec["split_seed"]))
     n_val = int(round(len(pool) * spec["val_fraction"]))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     return Splits(Split(pool.x[train_idx], pool.y[train_idx]), Split(pool.x[val_idx], pool.y[val_idx]),
-                  test_split, task="classification", input_shape=(1, 28, 28), outputs=10)
+                  test, task="classification", input_shape=tuple(pool.x.shape[1:]), outputs=10)
 
 
 def _torchvision(spec: dict, root: Path) -> Splits:
+    """CIFAR-10 through torchvision's reader."""
     name = spec["name"]
     sub, files = TORCHVISION_FILES[name]
     folder = root / sub
-    missing = [f for f in files if not ((folder / f).exists() or (folder / (f + ".gz")).exists())]
+    missing = [f for f in files if not (folder / f).exists()]
     if missing:
         raise DataError(f"{name}: dataset files not found in {folder} (expected {', '.join(files)}; "
                         f"missing {', '.join(missing)}); put torchvision's layout under --data-root")
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls = torchvision.datasets.CIFAR10  # MNIST and Fashion-MNIST are read from their IDX files (_idx_dataset)
     try:
         train_pool, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as e:
@@ -248,14 +252,9 @@ def _torchvision(spec: dict, root: Path) -> Splits:
 
     def tensors(ds) -> Split:
         data = torch.as_tensor(np.asarray(ds.data)).float() / 255.0
-        data = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)  # CIFAR is NHWC
+        data = data.permute(0, 3, 1, 2)  # CIFAR is NHWC
         mean, std = NORMALISATION[name]
         data = (data - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
         return Split(data.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long))
 
-    pool, test_split = tensors(train_pool), tensors(test)
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(spec["split_seed"]))
-    n_val = int(round(len(pool) * spec["val_fraction"]))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    return Splits(Split(pool.x[train_idx], pool.y[train_idx]), Split(pool.x[val_idx], pool.y[val_idx]),
-                  test_split, task="classification", input_shape=tuple(pool.x.shape[1:]), outputs=10)
+    return _with_validation(tensors(train_pool), tensors(test), spec)

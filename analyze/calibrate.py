@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
-from analyze.estimators.llc import DEFAULTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
+from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
 from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE
 from analyze.sgld import SAMPLERS
 from analyze.store import Store, config_hash, file_hash, task_key
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", default=DEFAULTS["batch_size"],
                     help="SGLD minibatch: a number (0 = full batch) or 'auto' (grows with the step, as in the "
                          "llc estimator) (default: %(default)s)")
+    ap.add_argument("--gradient", default=DEFAULTS["gradient"], choices=GRADIENTS,
+                    help="control-variate (SGLD-CV) or minibatch gradients, as in the llc estimator "
+                         "(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
     ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
                     help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for nb in nbetas:
             parse_nbeta(nb, 100)
         common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
-                      seed=args.seed, sampler=args.sampler)
+                      seed=args.seed, sampler=args.sampler, gradient=args.gradient)
         LLCEstimator(**common)  # option errors before loading anything
         if not path.is_file():
             raise CheckpointError(path, "no such checkpoint file")

@@ -78,6 +78,8 @@ def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x
     """Same contract as analyze.sgld.sample_losses: per-step minibatch losses, (chains, burnin + draws)."""
     from devinterp.slt.sampling import sample
 
+    if settings.control_variate:
+        raise ValueError("devinterp has no control-variate gradients (SGLD-CV); use the fast backend")
     n = len(y)
     batch = n if settings.batch_size <= 0 else min(settings.batch_size, n)
     # Full batch: every step sees all n rows. Minibatches: enough copies of every row index that

@@ -520,6 +520,7 @@ class ReportBuilder:
         if self.frames["llc"] is None:
             return None
         fig = self._secondary_fig()
+        at_minimum = []  # (low, high) of every estimate at a local minimum: they set the y-range
         for run in self.family_runs(family):
             llc = self.joined(run, self.column(run, "llc", "llc_mean"), lambda r: self.column(r, "llc", "llc_mean"))
             if not len(llc):
@@ -528,6 +529,8 @@ class ReportBuilder:
             sem = sem.reindex(llc.index)
             # hollow markers where w* is not a local minimum (the LLC is undefined there)
             undefined = [not_at_minimum(v, e) for v, e in zip(llc.to_numpy(), sem.to_numpy())]
+            at_minimum += [(v - np.nan_to_num(e), v + np.nan_to_num(e)) for v, e, u in
+                           zip(llc.to_numpy(), sem.to_numpy(), undefined) if not u and np.isfinite(v)]
             fig.add_trace(go.Scatter(x=llc.index, y=llc.to_numpy(), mode="lines+markers", name=f"{self.label(run)} LLC",
                                      line=dict(color=self.color(run), width=2.5),
                                      marker=dict(size=6, symbol=["circle-open" if u else "circle" for u in undefined]),
@@ -542,6 +545,12 @@ class ReportBuilder:
         self._cut_lines(fig, family)
         self._style(fig, "LLC (± s.e.m.) and validation loss", "epoch", "LLC  λ̂", secondary=True)
         fig.update_yaxes(title_text="validation loss", secondary_y=True, showgrid=False)
+        if at_minimum:
+            # the LLC is undefined away from a minimum, and early epochs' large negative values would squash
+            # the curves that matter into a line: the axis spans the estimates at a minimum (the others clip)
+            low, high = min(lo for lo, _ in at_minimum), max(hi for _, hi in at_minimum)
+            pad = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
+            fig.update_yaxes(range=[low - pad, high + pad], secondary_y=False)
         return fig
 
     def fig_wbic(self, family: str):
@@ -591,12 +600,19 @@ class ReportBuilder:
                     continue
                 err = None
                 if name == "hessian_trace" and h is not None and "trace_stderr" in h:
-                    # the error bar belongs to the stochastic estimate; none where the exact trace is shown
+                    # where the exact trace is shown, its error is the subsample's (trace_exact_stderr, none in
+                    # tables written before it existed); elsewhere the stochastic estimate's
                     exact = self.joined(run, self.column(run, "hessian", "trace_exact"),
                                         lambda r: self.column(r, "hessian", "trace_exact"))
                     se = self.joined(run, self.column(run, "hessian", "trace_stderr"),
                                      lambda r: self.column(r, "hessian", "trace_stderr")).reindex(s.index)
-                    se[exact.reindex(s.index).notna().to_numpy()] = 0.0
+                    shown_exact = exact.reindex(s.index).notna().to_numpy()
+                    if "trace_exact_stderr" in h:
+                        exact_se = self.joined(run, self.column(run, "hessian", "trace_exact_stderr"),
+                                               lambda r: self.column(r, "hessian", "trace_exact_stderr"))
+                        se[shown_exact] = exact_se.reindex(s.index).to_numpy()[shown_exact]
+                    else:
+                        se[shown_exact] = 0.0
                     err = dict(type="data", array=se.fillna(0).to_numpy(), visible=True, thickness=1, width=2)
                 fig.add_trace(go.Scatter(x=s.index, y=s.to_numpy(), mode="lines+markers", name=self.label(run),
                                          legendgroup=run, showlegend=col == 1, error_y=err,

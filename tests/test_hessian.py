@@ -109,6 +109,33 @@ def test_lanczos_path_matches_torch_func_hessian(digits_ctx, digits_reference):
     assert per_run.mean() == pytest.approx(row.rank_estimate)
 
 
+def test_fast_curvature_mode_is_the_exact_trace_and_the_top_eigenvalue(digits_ctx, digits_reference):
+    """--hessian-trace-method exact --hessian-spectrum false --hessian-top-k 1, the per-checkpoint mode of
+    large studies: the diagonal Gauss-Newton trace (= Tr(H) on a ReLU net) and lambda_max, no SLQ."""
+    out = HessianEstimator(samples=SAMPLES, batch_size=120, trace_method="exact", spectrum=False,  # no dense H either
+                           top_k=1).run(digits_ctx)
+    row = out["hessian"].iloc[0]
+    assert row.trace == pytest.approx(digits_reference["trace"], rel=1e-5)
+    assert row.trace == row.trace_exact and row.n_probes == 0
+    assert row.lambda_max == pytest.approx(digits_reference["eigs"][0], rel=1e-4)
+    assert list(row.top_eigenvalues) == [row.lambda_max]
+    assert math.isnan(row.rank_estimate) and row.rank_method == "" and len(out["hessian_spectrum"]) == 0
+    # its error bar: the standard error of a mean over the 600 samples, from 5 batches of 120; against the
+    # per-sample traces' own standard deviation / sqrt(600) (batch means have 4 degrees of freedom: loose)
+    x, y = training_subset(digits_ctx, SAMPLES, 0)
+    per_sample = H.diag_ggn_batch_traces(digits_ctx.model, "classification", None, digits_ctx.loss_fn,
+                                         H.batches_of(x, y, 1), SAMPLES)
+    assert per_sample.mean() == pytest.approx(row.trace, rel=1e-5)
+    independent = per_sample.std(ddof=1) / math.sqrt(SAMPLES)
+    assert independent / 2.5 < row.trace_stderr == row.trace_exact_stderr < independent * 2.5
+    sums = per_sample.reshape(5, -1).sum(1)
+    assert H.subsample_stderr(sums, H.batches_of(x, y, 120)) == pytest.approx(
+        (sums / 120).std(ddof=1) / math.sqrt(5))  # equal batches: the plain batch-means formula
+    tanh = make_ctx(_layers_model(["flatten", "dense:8:tanh", "dense:10"]), digits_ctx.splits)
+    with pytest.raises(EstimatorError, match="--hessian-trace-method exact"):
+        HessianEstimator(samples=50, trace_method="exact").run(tanh)
+
+
 def test_plain_slq_rank_is_noisy_and_deflation_fixes_it(digits_ctx, digits_reference):
     """Why the SLQ is deflated: plain SLQ's rank scatters by ~sqrt(2/rank) per run at any step count."""
     x, y = training_subset(digits_ctx, SAMPLES, 0)
@@ -302,7 +329,8 @@ def test_deterministic_given_seed():
     assert a["hessian"].trace.iloc[0] != c["hessian"].trace.iloc[0]
     assert a["hessian"].top_eigenvalues.iloc[0] == b["hessian"].top_eigenvalues.iloc[0]
     assert list(a["hessian"].columns) == [
-        "trace", "trace_stderr", "trace_method", "trace_exact", "trace_exact_applies", "trace_exact_method",
+        "trace", "trace_stderr", "trace_method", "trace_exact", "trace_exact_stderr", "trace_exact_applies",
+        "trace_exact_method",
         "n_probes", "top_eigenvalues", "lambda_max", "rank_estimate", "rank_threshold", "rank_method",
         "rank_locked", "n_params", "n_samples", "backend", "engine", "seconds"]
     assert list(a["hessian_spectrum"].columns) == ["slq_run", "node", "weight"]

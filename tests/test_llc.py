@@ -63,7 +63,7 @@ def test_regular_model_llc_is_half_the_dimension(d):
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
 def test_fast_and_devinterp_backends_agree(mlp_context, sampler):
     common = dict(chains=4, draws=800, burnin=300, lr=1e-4, localization=100.0, batch_size=128, seed=1,
-                  sampler=sampler)
+                  sampler=sampler, gradient="minibatch")
     fast = LLCEstimator(backend="fast", **common).run(mlp_context)["llc"].iloc[0]
     ref = LLCEstimator(backend="devinterp", **common).run(mlp_context)["llc"].iloc[0]
     assert fast.init_loss == ref.init_loss  # both use the full-data L_n(w*)
@@ -109,32 +109,60 @@ def test_wbic_identity(mlp_context):
     assert exact.wbic_exact
 
 
-@pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
-def test_sampler_follows_the_update_rule_exactly(sampler):
-    """Three full-batch steps of the vmapped sampler equal the update rule written out for each chain,
-    with each chain's own noise stream: w <- w - eps/2 G (nbeta grad L(w) + gamma (w - w*)) + sqrt(eps G) N,
-    G = 1 for SGLD and 1 / (sqrt(V) + 0.1) with V <- 0.99 V + 0.01 grad^2 for RMSProp-SGLD (devinterp's)."""
+@pytest.mark.parametrize("sampler,batch,control_variate", [("sgld", 0, False), ("rmsprop-sgld", 0, False),
+                                                           ("sgld", 10, False), ("sgld", 10, True)])
+def test_sampler_follows_the_update_rule_exactly(sampler, batch, control_variate):
+    """Three steps of the vmapped sampler equal the update rule written out for each chain, with each
+    chain's own noise and batch streams: w <- w - eps/2 G (nbeta g(w) + gamma (w - w*)) + sqrt(eps G) N,
+    G = 1 for SGLD and 1 / (sqrt(V) + 0.1) with V <- 0.99 V + 0.01 g^2 for RMSProp-SGLD (devinterp's);
+    g(w) = grad L_B(w), or grad L_n(w*) + grad L_B(w) - grad L_B(w*) with control variates (the recorded
+    loss likewise L_B(w), or L_n(w*) + L_B(w) - L_B(w*))."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).eval()
     x, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
-    settings = SGLDSettings(lr=1e-3, localization=30.0, nbeta=20.0, chains=2, draws=3, burnin=0, batch_size=0,
-                            seed=4, sampler=sampler)
+    settings = SGLDSettings(lr=1e-3, localization=30.0, nbeta=20.0, chains=2, draws=3, burnin=0, batch_size=batch,
+                            seed=4, sampler=sampler, control_variate=control_variate)
     per_sample = nll_loss("classification", reduction="none")
     traces = sample_losses(model, per_sample, x, y, settings)
     names, w_star = zip(*[(name, p.detach().clone()) for name, p in model.named_parameters()])
+
+    def loss_and_grad(params, rows):
+        params = [p.detach().requires_grad_(True) for p in params]
+        loss = per_sample(torch.func.functional_call(model, dict(zip(names, params)), (x[rows],)), y[rows]).mean()
+        return loss.double().item(), torch.autograd.grad(loss, params)
+
+    everything = torch.arange(50)
+    loss_star, grad_star = loss_and_grad(w_star, everything)
     for c in range(2):
         noise = torch.Generator().manual_seed(chain_seed(4, c, 1))
-        w = [p.clone().requires_grad_(True) for p in w_star]
+        batches = torch.Generator().manual_seed(chain_seed(4, c, 0))
+        w = list(w_star)
         v = [torch.zeros_like(p) for p in w_star]
         for t in range(3):
-            loss = per_sample(torch.func.functional_call(model, dict(zip(names, w)), (x,)), y).mean()
-            assert traces[c, t] == pytest.approx(loss.item(), rel=1e-6)
-            grads = torch.autograd.grad(loss, w)
+            rows = torch.randint(0, 50, (batch,), generator=batches) if batch else everything
+            loss, grads = loss_and_grad(w, rows)
+            if control_variate:
+                loss_ref, grads_ref = loss_and_grad(w_star, rows)
+                loss = loss_star + loss - loss_ref
+                grads = [gs + g - gr for gs, g, gr in zip(grad_star, grads, grads_ref)]
+            assert traces[c, t] == pytest.approx(loss, rel=1e-5)
             eta = torch.empty(sum(p.numel() for p in w)).normal_(generator=noise).split([p.numel() for p in w])
             v = [0.99 * vi + 0.01 * g ** 2 for vi, g in zip(v, grads)]
             G = [1 / (vi.sqrt() + 0.1) if sampler == "rmsprop-sgld" else torch.ones_like(vi) for vi in v]
-            w = [(p - 0.5e-3 * Gi * (20.0 * g + 30.0 * (p - p0)) + (1e-3 * Gi).sqrt() * e.view_as(p))
-                 .detach().requires_grad_(True) for p, g, p0, e, Gi in zip(w, grads, w_star, eta, G)]
+            w = [p - 0.5e-3 * Gi * (20.0 * g + 30.0 * (p - p0)) + (1e-3 * Gi).sqrt() * e.view_as(p)
+                 for p, g, p0, e, Gi in zip(w, grads, w_star, eta, G)]
+
+
+def test_control_variate_removes_the_heating_of_small_batches():
+    """Linear regression at n = 18,000 with a batch of 16 at the default step: plain minibatch gradients heat
+    the chains far above d / 2 (11.2 +- 1.5 here); the control-variate gradients (SGLD-CV) land on it."""
+    ctx = linear_regression_context(10, sigma=1.0, samples=22_500)
+    common = dict(chains=4, draws=2000, burnin=500, batch_size="16", seed=2)
+    plain = LLCEstimator(gradient="minibatch", **common).run(ctx)["llc"].iloc[0]
+    cv = LLCEstimator(gradient="control-variate", **common).run(ctx)["llc"].iloc[0]
+    assert cv.gradient == "control-variate" and cv.batch_size == 16 and cv.n == 18_000
+    assert abs(cv.llc_mean - 5) < 0.15 * 5 + 2 * cv.llc_sem, cv.llc_mean
+    assert plain.llc_mean > 1.5 * 5, plain.llc_mean
 
 
 def test_reproducible_and_independent_chains(mlp_context):
@@ -212,6 +240,7 @@ def test_chain_table_thinning_and_burnin(mlp_context):
     (dict(localization="-1"), "--llc-localization"),
     (dict(batch_size="big"), "--llc-batch-size"),
     (dict(batch_size="-5"), "--llc-batch-size"),
+    (dict(backend="devinterp"), "--llc-gradient minibatch"),
 ])
 def test_bad_options_name_the_flag(options, flag):
     with pytest.raises(EstimatorError, match=flag):
@@ -275,14 +304,17 @@ def test_standard_error_matches_the_spread_over_chain_seeds(mlp_context):
 
 
 def test_relative_options_take_their_value_at_this_nbeta():
-    from analyze.estimators.llc import AUTO_BATCH
+    from analyze.estimators.llc import AUTO_BATCH, AUTO_BATCH_CV
 
-    settings = LLCEstimator(lr="0.03/nbeta", localization="0.5*nbeta", batch_size="auto").settings(n=10_000)
+    plain = LLCEstimator(lr="0.03/nbeta", localization="0.5*nbeta", gradient="minibatch").settings(n=10_000)
     nbeta = 10_000 / math.log(10_000)
-    assert settings.nbeta == pytest.approx(nbeta)
-    assert settings.lr * settings.nbeta == pytest.approx(0.03) and settings.localization == pytest.approx(0.5 * nbeta)
-    assert settings.batch_size == math.ceil(AUTO_BATCH * 0.03 * nbeta)
-    assert LLCEstimator(lr="1/nbeta", batch_size="auto").settings(n=100).batch_size == 100  # at most n
+    assert plain.nbeta == pytest.approx(nbeta) and not plain.control_variate
+    assert plain.lr * plain.nbeta == pytest.approx(0.03) and plain.localization == pytest.approx(0.5 * nbeta)
+    assert plain.batch_size == math.ceil(AUTO_BATCH * 0.03 * nbeta) > AUTO_BATCH_CV
+    cv = LLCEstimator(lr="0.03/nbeta").settings(n=10_000)  # the default: control variates, a capped batch
+    assert cv.control_variate and cv.batch_size == AUTO_BATCH_CV
+    assert LLCEstimator().settings(n=1_000).batch_size == math.ceil(AUTO_BATCH * 0.03 * 1_000 / math.log(1_000))
+    assert LLCEstimator(lr="1/nbeta", gradient="minibatch").settings(n=100).batch_size == 100  # at most n
     assert LLCEstimator(lr="1e-4", localization="100", batch_size="64").settings(n=5000).lr == 1e-4
 
 

@@ -245,6 +245,12 @@ def test_epochs_are_aligned_and_branches_start_at_the_cutoff(analysis):
     assert set(trunk.marker.symbol) == {"circle"}
     std = next(t for t in figs[f"fig-{STD_FAMILY}-llc"].data if t.name.endswith("LLC") and "ngd" in t.name)
     assert list(std.marker.symbol) == ["circle-open"] + ["circle"] * 4  # epoch 0 is not at a minimum
+    # the y-axis spans the estimates at a minimum (with their error bars), not epoch 0's negative LLC
+    low, high = figs[f"fig-{STD_FAMILY}-llc"].layout.yaxis.range
+    shown = [(t.y[1:] if t.marker.symbol[0] == "circle-open" else t.y, np.asarray(t.error_y.array))
+             for t in figs[f"fig-{STD_FAMILY}-llc"].data if t.name.endswith("LLC")]
+    assert low > min(t.y[0] for t in figs[f"fig-{STD_FAMILY}-llc"].data if t.name.endswith("LLC"))
+    assert low <= min(min(y) for y, _ in shown) - 0.2 and high >= max(max(y) for y, _ in shown) + 0.2
 
     loss = {t.name: t for t in figs[f"fig-{FAMILY}-loss"].data}
     assert list(loss["trunk (sgd) validation"].x) == [0, 1, 2, 3]

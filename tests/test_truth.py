@@ -28,7 +28,10 @@ def test_truth_run_holds_the_rank_r_teacher_and_records_aoyagis_coefficient(tmp_
     assert not any("bias" in k for k in truth.tensors)
     product = truth.tensors["out.weight"] @ truth.tensors["fc2.weight"] @ truth.tensors["fc1.weight"]
     singular = torch.linalg.svdvals(product.double())
-    assert (singular[2:] < 1e-5).all() and (singular[:2] > 0.1).all()  # rank exactly 2, well resolved
+    assert singular[:2] == pytest.approx([1, 1], abs=1e-5) and (singular[2:] < 1e-5).all()  # rank 2, resolved
+    for name in ("fc1.weight", "fc2.weight", "out.weight"):  # every layer at the least rank: the most
+        layer = torch.linalg.svdvals(truth.tensors[name].double())  # singular true parameter (trainer/data.py)
+        assert layer[:2] == pytest.approx([1, 1], abs=1e-5) and (layer[2:] < 1e-5).all(), name
     teacher = build_teacher(truth.meta["dataset_spec"])
     assert all(torch.equal(v, truth.tensors[k]) for k, v in teacher.state_dict().items())
     record = json.loads((out / "dlnn-2x4-nobias-truth" / "run.json").read_text())

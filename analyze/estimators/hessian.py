@@ -4,7 +4,9 @@ Everything is about H = the Hessian of the *mean* loss (`ctx.loss_fn`: cross-ent
 NLL 0.5 |y - f|^2 / sigma^2) over a fixed, seeded set of training samples (`samples`, default 1280 as
 the study used: 10 batches of 128; fewer when the training split is smaller), in eval mode.
 
-- `trace`: a stochastic estimate from exactly `probes` Hessian products, with `trace_stderr`.
+- `trace`: a stochastic estimate from exactly `probes` Hessian products, with `trace_stderr`; or, with
+  `trace_method=exact`, `trace_exact` below (the fast mode for many checkpoints of a large model, with
+  `spectrum=false`: no SLQ), whose `trace_stderr` is then the subsample's (next item).
   `trace_method=hutchpp` (default): Hutch++ (Meyer et al. 2020): a third of the probes sketch the top
   eigenspace Q = orth(H S), tr(Q^T H Q) is taken exactly, and Hutchinson runs on the rest of the space
   with the remaining third; its standard error is that Hutchinson part's (conditional on the sketch).
@@ -17,7 +19,9 @@ the study used: 10 batches of 128; fewer when the training split is smaller), in
   ReLU/LeakyReLU/Identity/MaxPool/AvgPool/Flatten/Dropout in eval mode, no shared layers) with
   cross-entropy or the Gaussian NLL, the Hessian's diagonal equals the Gauss-Newton diagonal (the
   second derivative of f along one weight is zero almost everywhere), so the exact trace is one
-  BackPACK `DiagGGNExact` pass (`trace_exact_method="diag_ggn"`). Otherwise, when the dense Hessian
+  BackPACK `DiagGGNExact` pass (`trace_exact_method="diag_ggn"`). Its `trace_exact_stderr` is the
+  standard error of a mean over the samples (from per-batch traces): the trace is exact on these
+  samples, and this says how far the whole training set's may lie. Otherwise, when the dense Hessian
   was formed for the exact spectrum, its trace (`"dense"`); otherwise NaN.
 - `top_eigenvalues`: the `top_k` largest *algebraic* eigenvalues (scipy `eigsh`, `which="LA"`, on a
   Hessian linear operator), or the exact ones when the dense Hessian was formed. `lambda_max` is the
@@ -43,7 +47,7 @@ come from one forward-mode second-order (Taylor) pass per block of probes when e
 layer instead of two; 1.7x faster than pyhessian's Hessian-vector products on a 784-256-256-10 MLP.
 `engine=hvp` uses v^T (H v) from curvlinops instead (same numbers up to rounding).
 
-Rows: `hessian` has one row (trace, trace_stderr, trace_method, trace_exact, trace_exact_applies,
+Rows: `hessian` has one row (trace, trace_stderr, trace_method, trace_exact, trace_exact_stderr, trace_exact_applies,
 trace_exact_method, n_probes, top_eigenvalues, lambda_max, rank_estimate, rank_threshold, rank_method,
 rank_locked, n_params, n_samples, backend, engine, seconds); `hessian_spectrum` has (slq_run, node,
 weight), weights summing to 1 per run.
@@ -144,7 +148,26 @@ def ggn_diagonal_applies(model: nn.Module) -> bool:
 
 def diag_ggn_trace(model: nn.Module, task: str, sigma: float | None, loss_fn: Callable,
                    batches: list, n: int) -> float:
-    """Trace of the exact Gauss-Newton diagonal of the mean NLL, by BackPACK's DiagGGNExact.
+    """Trace of the exact Gauss-Newton diagonal of the mean NLL, by BackPACK's DiagGGNExact."""
+    return diag_ggn_batch_traces(model, task, sigma, loss_fn, batches, n).sum() / n
+
+
+def subsample_stderr(batch_sums: np.ndarray, batches: list) -> float:
+    """Standard error of the mean-per-sample trace from per-batch sums (batch means, size-weighted): how
+    far the trace on these samples may lie from the trace on the whole training set. NaN with one batch."""
+    sizes = np.array([len(yb) for _, yb in batches], dtype=float)
+    if len(sizes) < 2:
+        return math.nan
+    means = batch_sums / sizes
+    mean = batch_sums.sum() / sizes.sum()
+    # variance of a ratio estimator over clusters (batches of i.i.d. samples)
+    var = np.sum((sizes / sizes.mean()) ** 2 * (means - mean) ** 2) / (len(sizes) * (len(sizes) - 1))
+    return float(math.sqrt(var))
+
+
+def diag_ggn_batch_traces(model: nn.Module, task: str, sigma: float | None, loss_fn: Callable,
+                          batches: list, n: int) -> np.ndarray:
+    """Per batch, the sum over its samples of each sample's Gauss-Newton trace (n x the mean NLL's scale).
 
     Runs on a deep copy (BackPACK's `extend` installs hooks and stores inputs on the modules it extends).
     Raises ValueError when `loss_fn` is not the task's NLL as trainer.losses defines it.
@@ -160,7 +183,7 @@ def diag_ggn_trace(model: nn.Module, task: str, sigma: float | None, loss_fn: Ca
         criterion, scale = extend(nn.MSELoss(reduction="sum")), 0.5 / (float(sigma) ** 2 * n)
     else:
         raise ValueError(f"unknown task {task!r}")
-    total = 0.0
+    sums = []
     for xb, yb in batches:
         out = net(xb)
         target = yb if task == "classification" else yb.reshape(out.shape)
@@ -173,12 +196,14 @@ def diag_ggn_trace(model: nn.Module, task: str, sigma: float | None, loss_fn: Ca
             # the first layer's full backward hook fires with no input gradient: expected here
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
+        total = 0.0
         for p in net.parameters():
             if p.requires_grad:
                 total += p.diag_ggn_exact.double().sum().item()
                 del p.diag_ggn_exact
             p.grad = None
-    return total * scale
+        sums.append(total * scale * n)
+    return np.array(sums)
 
 
 # ------------------------------------------------------------------ Hessian operators (backends)
@@ -715,13 +740,18 @@ class HessianEstimator(Estimator):
         Option("samples", int, 1280, "training samples (seeded; fewer if the split is smaller)"),
         Option("batch_size", int, 1280, "samples per forward pass (memory only)"),
         Option("seed", int, 0, "seed of the sample set, the probes and the Lanczos starts"),
-        Option("trace_method", str, "hutchpp", "stochastic trace estimator", choices=("hutchinson", "hutchpp")),
+        Option("trace_method", str, "hutchpp", "trace estimator: hutchpp or hutchinson (stochastic, any model), "
+               "or exact (the diagonal Gauss-Newton alone: equal to Tr(H) for piecewise-linear nets with their "
+               "task's NLL, a few backward passes; an error on other models)",
+               choices=("hutchinson", "hutchpp", "exact")),
         Option("probes", int, 100, "Hessian products (probe vectors) of the stochastic trace"),
         Option("top_k", int, 5, "largest algebraic eigenvalues to report (0: only lambda_max for the rank)"),
         Option("rank_threshold", float, 1e-2, "rank counts eigenvalues with |lambda| > threshold * lambda_max"),
         Option("exact_below", int, 3000, "form and diagonalise the dense Hessian below this many parameters"),
         Option("lanczos_steps", int, 300, "Lanczos steps per SLQ run (full reorthogonalisation)"),
         Option("slq_runs", int, 2, "SLQ runs after the deflation pass (Rademacher starts; advanced together)"),
+        Option("spectrum", bool, True, "also the spectral density and the rank (SLQ, or the dense Hessian below "
+               "exact_below: the slow part); false: traces and the top eigenvalues (eigsh) only"),
         Option("backend", str, "curvlinops", "Hessian-vector products", choices=("curvlinops", "pyhessian")),
         Option("engine", str, "auto", "quadratic forms v^T H v of the trace: auto (forward-mode Taylor pass "
                "when every layer is supported, curvlinops backend) or hvp", choices=("auto", "hvp")),
@@ -734,6 +764,8 @@ class HessianEstimator(Estimator):
                           ("lanczos_steps", 2), ("slq_runs", 1)):
             if o[name] < low:
                 raise EstimatorError(f"--hessian-{name.replace('_', '-')}: must be at least {low}")
+        if o["trace_method"] == "exact" and o["backend"] != "curvlinops":
+            raise EstimatorError("--hessian-trace-method exact: runs with --hessian-backend curvlinops only")
         if o["trace_method"] == "hutchpp" and o["probes"] < 6:
             raise EstimatorError("--hessian-probes: hutchpp needs at least 6 (a third sketch, a third "
                                  "exact part, a third Hutchinson)")
@@ -768,20 +800,26 @@ class HessianEstimator(Estimator):
         else:
             op = CurvlinopsOperator(model, loss_fn, batches, n, engine=o["engine"])
         try:
-            probe_gen = torch.Generator().manual_seed(seed + 1)
-            estimate = hutchpp if o["trace_method"] == "hutchpp" else hutchinson
-            trace, stderr = estimate(op, o["probes"], probe_gen)
-
             applies = ggn_diagonal_applies(model)
-            trace_exact, exact_method = math.nan, ""
+            trace_exact, exact_method, sums = math.nan, "", None
             if applies:
                 try:
-                    trace_exact, exact_method = diag_ggn_trace(model, task, sigma, loss_fn, batches, n), "diag_ggn"
+                    sums = diag_ggn_batch_traces(model, task, sigma, loss_fn, batches, n)
+                    trace_exact, exact_method = float(sums.sum() / n), "diag_ggn"
                 except ValueError:  # ctx.loss_fn is not the task's NLL: the identity does not apply
                     applies = False
+            if o["trace_method"] == "exact":
+                if not applies:
+                    raise EstimatorError("--hessian-trace-method exact: Tr(H) = Tr(GGN) does not hold for this "
+                                         "model (it needs piecewise-linear layers and the task's NLL); use hutchpp")
+                # exact on these samples; its error is the subsample's, against the whole training set
+                trace, stderr = trace_exact, subsample_stderr(sums, batches)
+            else:
+                estimate = hutchpp if o["trace_method"] == "hutchpp" else hutchinson
+                trace, stderr = estimate(op, o["probes"], torch.Generator().manual_seed(seed + 1))
 
             P = op.P
-            if P < max(o["exact_below"], 2):
+            if P < max(o["exact_below"], 2) and o["spectrum"]:  # the dense Hessian is P products: only for the spectrum
                 eigs = np.linalg.eigvalsh(dense_hessian(op))[::-1]
                 top = [float(v) for v in eigs[:o["top_k"]]]
                 lambda_max = float(eigs[0])
@@ -795,19 +833,23 @@ class HessianEstimator(Estimator):
                 top = top_eigenvalues(op, min(max(o["top_k"], 1), P - 1), seed + 3)
                 lambda_max = top[0]
                 top = top[:o["top_k"]]
-                if lambda_max > 0:
+                if not o["spectrum"]:
+                    rank, deflated, spectrum = math.nan, 0, pd.DataFrame({"slq_run": [], "node": [], "weight": []})
+                elif lambda_max > 0:
                     rank, deflated, spectrum = slq_rank(op, o["lanczos_steps"], o["slq_runs"],
                                                         o["rank_threshold"] * lambda_max,
                                                         torch.Generator().manual_seed(seed + 2))
                 else:  # no positive curvature: the relative threshold is meaningless
                     rank, deflated, spectrum = math.nan, 0, pd.DataFrame({"slq_run": [], "node": [], "weight": []})
-                rank_method = "slq"
+                rank_method = "slq" if o["spectrum"] else ""
         finally:
             op.close()
         row = {
             "trace": trace, "trace_stderr": stderr, "trace_method": o["trace_method"],
-            "trace_exact": trace_exact, "trace_exact_applies": applies, "trace_exact_method": exact_method,
-            "n_probes": o["probes"], "top_eigenvalues": top, "lambda_max": lambda_max,
+            "trace_exact": trace_exact,
+            "trace_exact_stderr": subsample_stderr(sums, batches) if sums is not None else math.nan,
+            "trace_exact_applies": applies, "trace_exact_method": exact_method,
+            "n_probes": 0 if o["trace_method"] == "exact" else o["probes"], "top_eigenvalues": top, "lambda_max": lambda_max,
             "rank_estimate": rank, "rank_threshold": o["rank_threshold"], "rank_method": rank_method,
             "rank_locked": deflated,
             "n_params": P, "n_samples": n, "backend": op.name, "engine": op.engine,

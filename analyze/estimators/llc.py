@@ -22,12 +22,16 @@ from trainer.truth import true_learning_coefficient
 # - the step is relative to nbeta: the drift (eps/2) nbeta grad L moves by the same amount at every n;
 # - the localization is absolute: it sets how far the chains roam along flat directions (1/sqrt(gamma), a
 #   matter of the weights' scale, not of n), and its pull against the likelihood (gamma / nbeta) fades as n grows;
-# - the minibatch's gradient noise heats the chains in proportion to eps x nbeta^2 / batch, so a fixed batch
-#   overestimates at large n: `auto` takes batch = AUTO_BATCH x eps x nbeta^2, the same heating whatever n and
-#   step (measured: +15% at 8 eps nbeta^2, +1% at 24 on linear regression at n = 60,000; docs/llc.md), and the
-#   cost per unit of sampling time is the same at every step.
-DEFAULTS = dict(chains=4, draws=1000, burnin=1000, lr="0.03/nbeta", localization="10", batch_size="auto")
+# - plain minibatch gradient noise heats the chains in proportion to eps x nbeta^2 / batch, so a fixed batch
+#   overestimates at large n (+55% at batch 128 on linear regression at n = 60,000), and the batch that avoids
+#   it (AUTO_BATCH x eps x nbeta^2, about nbeta) is expensive there. Control-variate gradients (SGLD-CV) take
+#   the noise out near w*, so a small batch no longer heats at any n: they are the default, with `auto` =
+#   the smaller of AUTO_BATCH_CV and the plain rule (at small n the plain rule's batch is already small).
+DEFAULTS = dict(chains=4, draws=1000, burnin=1000, lr="0.03/nbeta", localization="10", batch_size="auto",
+                gradient="control-variate")
+GRADIENTS = ("control-variate", "minibatch")
 AUTO_BATCH = 32
+AUTO_BATCH_CV = 256
 
 
 def _scaled(text: str, nbeta: float, flag: str, form: str) -> float:
@@ -57,10 +61,12 @@ def parse_localization(text: str, nbeta: float) -> float:
     return _scaled(text, nbeta, "--llc-localization", "*")
 
 
-def parse_batch_size(text: str, lr: float, nbeta: float, n: int) -> int:
-    """Minibatch: a whole number (0 = full batch), or 'auto': AUTO_BATCH x eps x nbeta^2, rounded up, at most n."""
+def parse_batch_size(text: str, lr: float, nbeta: float, n: int, control_variate: bool = False) -> int:
+    """Minibatch: a whole number (0 = full batch), or 'auto': AUTO_BATCH x eps x nbeta^2 rounded up, at most n,
+    and with control-variate gradients at most AUTO_BATCH_CV."""
     if str(text).strip() == "auto":
-        return min(n, max(1, math.ceil(AUTO_BATCH * lr * nbeta ** 2)))
+        plain = min(n, max(1, math.ceil(AUTO_BATCH * lr * nbeta ** 2)))
+        return min(plain, AUTO_BATCH_CV) if control_variate else plain
     try:
         value = int(text)
     except ValueError:
@@ -103,7 +109,7 @@ def chance_loss(splits, y: torch.Tensor) -> float:
 
 class LLCEstimator(Estimator):
     name = "llc"
-    version = 2  # between-chain standard errors, drift, relative step and localization
+    version = 3  # 2: between-chain standard errors, drift, relative step and localization; 3: control variates
     tables = ("llc", "llc_chains")
     options = (
         Option("chains", int, DEFAULTS["chains"], "number of SGLD chains"),
@@ -115,8 +121,12 @@ class LLCEstimator(Estimator):
                "a number, or 'c*nbeta' (gamma / nbeta = c at every n)"),
         Option("nbeta", str, "n/log n", "inverse temperature times n: a number, or 'n/log n' (WBIC's)"),
         Option("batch_size", str, DEFAULTS["batch_size"], "SGLD minibatch size: a number (0 = full-batch gradients), "
-               f"or 'auto' ({AUTO_BATCH} x eps x nbeta^2, at most n: the minibatch's gradient noise then heats the "
-               "chains by the same few percent at every n and step)"),
+               f"or 'auto': {AUTO_BATCH} x eps x nbeta^2, at most n (plain minibatch noise then heats the chains by the "
+               f"same few percent at every n and step), and at most {AUTO_BATCH_CV} with control-variate gradients"),
+        Option("gradient", str, DEFAULTS["gradient"], "control-variate (SGLD-CV: grad L_n(w*) + grad L_B(w) - "
+               "grad L_B(w*), and the loss likewise; their noise vanishes at the checkpoint, so small batches do not "
+               "heat the chains at any n; two passes per step; fast backend only) or minibatch (plain SGLD)",
+               choices=GRADIENTS),
         Option("seed", int, 0, "seed of the chains' batches and noise"),
         Option("sampler", str, "sgld", "sgld, or rmsprop-sgld (diagonal RMSProp preconditioning, as devinterp's)",
                choices=SAMPLERS),
@@ -137,15 +147,18 @@ class LLCEstimator(Estimator):
         parse_localization(o["localization"], 1.0)
         parse_nbeta(o["nbeta"], 100)
         parse_batch_size(o["batch_size"], 1.0, 1.0, 1)
+        if o["gradient"] == "control-variate" and o["backend"] == "devinterp":
+            raise EstimatorError("--llc-backend devinterp has no control-variate gradients: add --llc-gradient minibatch")
 
     def settings(self, n: int) -> SGLDSettings:
         o = self.opts
         nbeta = parse_nbeta(o["nbeta"], n)
         lr = parse_lr(o["lr"], nbeta)
+        cv = o["gradient"] == "control-variate"
         return SGLDSettings(lr=lr, localization=parse_localization(o["localization"], nbeta), nbeta=nbeta,
                             chains=o["chains"], draws=o["draws"], burnin=o["burnin"],
-                            batch_size=parse_batch_size(o["batch_size"], lr, nbeta, n), seed=o["seed"],
-                            sampler=o["sampler"])
+                            batch_size=parse_batch_size(o["batch_size"], lr, nbeta, n, cv), seed=o["seed"],
+                            sampler=o["sampler"], control_variate=cv)
 
     def sample(self, ctx: Context, settings: SGLDSettings) -> np.ndarray:
         x, y = ctx.splits.train.x.to(ctx.device), ctx.splits.train.y.to(ctx.device)
@@ -173,7 +186,7 @@ class LLCEstimator(Estimator):
                    lr_nbeta=settings.lr * settings.nbeta, localization_per_nbeta=settings.localization / settings.nbeta,
                    llc_truth=truth["value"] if truth else math.nan,
                    n_chains=settings.chains, n_draws=settings.draws, n_burnin=settings.burnin,
-                   batch_size=settings.batch_size, n=n, backend=self.opts["backend"],
+                   batch_size=settings.batch_size, gradient=self.opts["gradient"], n=n, backend=self.opts["backend"],
                    sampler=self.opts["sampler"], seconds=time.perf_counter() - start)
         steps = np.arange(traces.shape[1])[:: self.opts["thin"]]
         chains = pd.DataFrame({

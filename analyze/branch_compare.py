@@ -1,0 +1,92 @@
+"""Compare a measure (LLC, Hessian trace, ...) between two branches of a swap run, with standard errors.
+
+Two views, because the branches do not train at the same speed (after the swap NGD reaches a lower
+training loss than SGD at the same epoch, and the LLC and Tr(H) both move as the loss falls):
+- at matched epoch: each epoch both branches have, after the cut-off;
+- at matched training loss: each checkpoint of branch `a` against the checkpoint of branch `b` nearest to
+  it in training loss, kept only when the two losses lie within `loss_tolerance` (relative) of each other.
+
+A difference counts when it exceeds `Z` combined standard errors; the verdict says in which direction most
+compared points differ, or that there is no consistent difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+Z = 2.0  # combined standard errors for a difference to count
+LOSS_TOLERANCE = 0.05  # matched-loss pairs: |loss_a - loss_b| <= 5% of loss_b
+
+
+def series(values: pd.DataFrame, run: str, value: str, se: str, ok: pd.Series | None = None,
+           train_loss: pd.Series | None = None) -> pd.DataFrame:
+    """One run's (epoch -> value, se, ok, train_loss) from a tidy table with run and epoch columns."""
+    rows = values[values.run == run].drop_duplicates("epoch", keep="last").set_index("epoch").sort_index()
+    out = pd.DataFrame({"value": rows[value].astype(float), "se": rows[se].astype(float)})
+    out["ok"] = True if ok is None else ok.reindex(rows.index).fillna(False).astype(bool).to_numpy()
+    out["train_loss"] = np.nan if train_loss is None else train_loss.reindex(out.index).to_numpy()
+    return out
+
+
+def call(diff: float, se: float) -> str:
+    if not np.isfinite(diff) or not np.isfinite(se):
+        return "unknown"
+    if diff > Z * se:
+        return "above"
+    if diff < -Z * se:
+        return "below"
+    return "no difference"
+
+
+def at_matched_epoch(a: pd.DataFrame, b: pd.DataFrame, after: int) -> pd.DataFrame:
+    """Per epoch > `after` that both have: a's and b's values, a - b, its s.e., and the call (a above b?)."""
+    epochs = sorted(e for e in set(a.index) & set(b.index) if e > after)
+    return _pairs(a.loc[epochs], b.loc[epochs], pd.Index(epochs, name="epoch"))
+
+
+def at_matched_loss(a: pd.DataFrame, b: pd.DataFrame, after: int,
+                    loss_tolerance: float = LOSS_TOLERANCE) -> pd.DataFrame:
+    """Each epoch of a (> `after`) against b's checkpoint nearest in training loss (any epoch of b), kept when
+    the losses agree within `loss_tolerance`; columns add both epochs and both losses."""
+    a = a[(a.index > after) & a.train_loss.notna()]
+    b = b[b.train_loss.notna()]
+    if not len(a) or not len(b):
+        return _pairs(a.iloc[:0], b.iloc[:0], pd.Index([], name="epoch"))
+    nearest = [b.index[np.argmin(np.abs(b.train_loss.to_numpy() - loss))] for loss in a.train_loss]
+    matched = b.loc[nearest]
+    keep = (np.abs(a.train_loss.to_numpy() - matched.train_loss.to_numpy())
+            <= loss_tolerance * matched.train_loss.to_numpy())
+    table = _pairs(a[keep], matched[keep], pd.Index(a.index[keep], name="epoch"))
+    table.insert(0, "b_epoch", np.asarray(nearest)[keep])
+    table.insert(1, "a_loss", a.train_loss.to_numpy()[keep])
+    table.insert(2, "b_loss", matched.train_loss.to_numpy()[keep])
+    return table
+
+
+def _pairs(a: pd.DataFrame, b: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    diff = a.value.to_numpy() - b.value.to_numpy()
+    se = np.hypot(a.se.to_numpy(), b.se.to_numpy())
+    table = pd.DataFrame({"a": a.value.to_numpy(), "a_se": a.se.to_numpy(), "b": b.value.to_numpy(),
+                          "b_se": b.se.to_numpy(), "diff": diff, "diff_se": se,
+                          "healthy": a.ok.to_numpy() & b.ok.to_numpy()}, index=index)
+    table["call"] = [call(d, s) for d, s in zip(diff, se)]
+    return table
+
+
+def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
+    """One line: whether a's measure lies above b's, over the healthy compared points."""
+    healthy = table[table.healthy]
+    if not len(healthy):
+        return f"{measure}: NO VERDICT: none of {len(table)} compared points is healthy on both branches"
+    counts = healthy.call.value_counts()
+    above, below = counts.get("above", 0), counts.get("below", 0)
+    n = len(healthy)
+    detail = (f"{a} above {b} by more than {Z:g} s.e. at {above} of {n} healthy points, below at {below}; "
+              f"mean difference {healthy['diff'].mean():+.4g}"
+              + (f" ({len(table) - n} unhealthy points left out)" if len(table) > n else ""))
+    if above > n / 2:
+        return f"{measure}: {a.upper()} ABOVE: {detail}"
+    if below > n / 2:
+        return f"{measure}: {a.upper()} BELOW: {detail}"
+    return f"{measure}: NO CONSISTENT DIFFERENCE: {detail}"

@@ -1,0 +1,47 @@
+"""Branch comparison at matched epoch and matched training loss (analyze/branch_compare.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyze import branch_compare as bc
+
+
+def frame(run, epochs, values, ses, losses):
+    return pd.DataFrame({"run": run, "epoch": epochs, "value": values, "se": ses, "loss": losses})
+
+
+def test_matched_epoch_calls_each_epoch_by_combined_standard_errors():
+    a = bc.series(frame("ngd", [3, 4, 5, 6], [10.0, 10.0, 13.0, 7.0], [1.0] * 4, [1.0] * 4), "ngd", "value", "se")
+    b = bc.series(frame("sgd", [4, 5, 6, 7], [10.0, 10.0, 10.0, 10.0], [1.0] * 4, [1.0] * 4), "sgd", "value", "se")
+    table = bc.at_matched_epoch(a, b, after=3)
+    assert list(table.index) == [4, 5, 6]  # only epochs both have, after the cut-off
+    # differences 0, +3, -3 with s.e. sqrt(2): 2 s.e. = 2.83
+    assert list(table.call) == ["no difference", "above", "below"]
+    assert table.diff_se.iloc[0] == pytest.approx(np.sqrt(2))
+    assert "NO CONSISTENT DIFFERENCE" in bc.verdict(table, "NGD", "SGD", "LLC")
+
+
+def test_matched_loss_pairs_each_checkpoint_with_the_nearest_loss_within_tolerance():
+    # NGD trains faster: its epoch-6 loss 0.5 matches SGD's epoch 9; its epoch-7 loss 0.2 has no SGD match
+    ngd = frame("ngd", [5, 6, 7], [20.0, 22.0, 30.0], [1.0] * 3, [0.8, 0.5, 0.2])
+    sgd = frame("sgd", [5, 6, 7, 8, 9], [10.0, 11.0, 12.0, 13.0, 14.0], [1.0] * 5, [0.9, 0.8, 0.7, 0.6, 0.51])
+    a = bc.series(ngd, "ngd", "value", "se", train_loss=ngd.set_index("epoch").loss)
+    b = bc.series(sgd, "sgd", "value", "se", train_loss=sgd.set_index("epoch").loss)
+    table = bc.at_matched_loss(a, b, after=4)
+    assert list(table.index) == [5, 6] and list(table.b_epoch) == [6, 9]
+    assert list(table["diff"]) == [20.0 - 11.0, 22.0 - 14.0]
+    assert (table.call == "above").all()
+    assert bc.verdict(table, "NGD", "SGD", "LLC").startswith("LLC: NGD ABOVE")
+
+
+def test_unhealthy_points_are_left_out_of_the_verdict():
+    ok = pd.Series([True, False, False], index=[4, 5, 6])
+    a = bc.series(frame("ngd", [4, 5, 6], [5.0, 20.0, 20.0], [1.0] * 3, [1.0] * 3), "ngd", "value", "se", ok=ok)
+    b = bc.series(frame("sgd", [4, 5, 6], [10.0] * 3, [1.0] * 3, [1.0] * 3), "sgd", "value", "se")
+    text = bc.verdict(bc.at_matched_epoch(a, b, after=0), "NGD", "SGD", "LLC")
+    assert text.startswith("LLC: NGD BELOW") and "2 unhealthy points left out" in text
+    none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]), "ngd", "value", "se", ok=pd.Series([False], index=[4]))
+    assert "NO VERDICT" in bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC")

@@ -5,7 +5,12 @@ Steps are given relative to nbeta ('c/nbeta': the drift's effective step eps x n
 step gets the same sampling time: a step k times smaller runs k times more burn-in steps and draws, so a
 smaller step is never judged on a shorter chain. A setting is *healthy* when no chain diverged or left
 the basin, the chains did not find loss clearly below the checkpoint's (`not_at_minimum`), R-hat < 1.1
-and the burn-in was long enough (|drift| <= 3). Two estimates *agree* when their difference is within
+and the burn-in was long enough (|drift| <= 3), and the step is stable in the stiffest direction:
+eps x nbeta x lambda_max < STABLE_STEP (lambda_max: the top Hessian eigenvalue of the mean loss at the
+checkpoint, on the Hessian estimator's 1,280 seeded samples). On a quadratic the Euler step multiplies
+that direction by 1 - eps nbeta lambda_max / 2 per step, so at 4 it no longer contracts and well before
+its variance is inflated by 1 / (1 - eps nbeta lambda_max / 4); a saturating loss hides the instability,
+but not its bias. Two estimates *agree* when their difference is within
 AGREEMENT_SE combined standard errors, plus 5% for the standard errors' own uncertainty. The
 recommendation: the weakest localization at which every step is healthy (strong localization biases the
 LLC low), and at it the largest step that agrees with the next larger one. The two are on the plateau,
@@ -35,6 +40,7 @@ from trainer.data import DataError, load_dataset
 from trainer.losses import nll_loss
 
 RHAT_MAX = 1.1
+STABLE_STEP = 2.0  # eps x nbeta x lambda_max below this: the stiffest direction's variance inflated < 2x
 AGREEMENT_SE = 2.0
 AGREEMENT_SLACK = 0.05
 CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default grid's is 3x the default step)
@@ -62,7 +68,21 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
 
 def healthy(row) -> bool:
     return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"]
-                and row["rhat"] < RHAT_MAX and not abs(row["drift"]) > DRIFT_MAX)
+                and row["rhat"] < RHAT_MAX and not abs(row["drift"]) > DRIFT_MAX
+                and not row.get("step_curvature", 0.0) >= STABLE_STEP)
+
+
+def top_hessian_eigenvalue(ctx: Context, samples: int = 1280, seed: int = 0) -> float:
+    """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples."""
+    from analyze.estimators import hessian
+
+    x, y = hessian.training_subset(ctx, samples, seed)
+    op = hessian.CurvlinopsOperator(ctx.model, ctx.loss_fn, hessian.batches_of(x, y, samples), len(y), engine="hvp")
+    try:
+        with hessian.eval_mode(ctx.model):
+            return hessian.top_eigenvalues(op, 1, seed)[0]
+    finally:
+        op.close()
 
 
 def agree(a: dict, b: dict) -> bool:
@@ -78,6 +98,7 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
     smaller k times as many (equal sampling time)."""
     n = len(ctx.splits.train)
+    lambda_max = top_hessian_eigenvalue(ctx)
     rows = []
     for nb in nbetas:
         nbeta = parse_nbeta(nb, n)
@@ -95,9 +116,11 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
                                   "burnin": round(common["burnin"] * stretch),
                                   "seed": common.get("seed", 0) * 1009 + k})
             r = est.run(ctx)["llc"].iloc[0].to_dict()
+            r["step_curvature"] = r["lr_nbeta"] * lambda_max
             rows.append({"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
                          "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
-                         "lr_nbeta": r["lr_nbeta"], "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
+                         "lr_nbeta": r["lr_nbeta"], "lambda_max": lambda_max, "step_curvature": r["step_curvature"],
+                         "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
                          "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
                          "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
                          "diverged": r["diverged"], "left_basin": r["left_basin"],
@@ -206,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
           "◀ recommended)")
     print(plateau_text(table))
     shown = table[["lr_option", "localization_option", "nbeta", "n_draws", "llc_mean", "llc_sem", "drift", "rhat",
-                   "diverged", "left_basin", "not_at_minimum", "healthy", "agrees_with_larger_step", "recommended"]]
+                   "step_curvature", "diverged", "left_basin", "not_at_minimum", "healthy", "agrees_with_larger_step",
+                   "recommended"]]
     print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"lambda_max of the Hessian at the checkpoint: {table.lambda_max.iloc[0]:.4g}; step_curvature = eps x nbeta "
+          f"x lambda_max must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]
@@ -221,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               "a trained checkpoint")
     else:
         print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
-              f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}) with a step that agrees with the next larger one; try smaller "
-              "steps, longer chains (--draws, --burnin), or other localizations")
+              f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}, step_curvature < {STABLE_STEP:g}) with a step that agrees with the "
+              "next larger one; try smaller steps, longer chains (--draws, --burnin), or other localizations")
     print(f"calibration table: {out / 'calibration'}")
     return 0

@@ -175,9 +175,13 @@ def read_run(run_dir: Path) -> Run:
 
 def find_runs(root: Path) -> tuple[list[Run], list[str]]:
     """Valid runs under `root` (its sub-folders with run.json, or `root` itself), and warning lines."""
-    folders = [root] if (root / "run.json").is_file() else sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "run.json").is_file())
+    subfolders = [] if (root / "run.json").is_file() else sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [root] if (root / "run.json").is_file() else [p for p in subfolders if (p / "run.json").is_file()]
     runs, warnings = [], []
+    for folder in subfolders:  # checkpoints without the run record that says what they are: say so, skip them
+        if not (folder / "run.json").is_file() and next(folder.glob("epoch-*.safetensors"), None) is not None:
+            warnings.append(f"{folder}: checkpoints but no run.json; folder skipped")
     for folder in folders:
         try:
             runs.append(read_run(folder))

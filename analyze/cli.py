@@ -222,7 +222,8 @@ def parse_args(argv: list[str]) -> Settings | str:
 
     ckpt_dir = Path(args.ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise UsageError(f"CKPT_DIR {ckpt_dir}: no such directory")
+        what = "is a file, not a folder of runs" if ckpt_dir.exists() else "no such directory"
+        raise UsageError(f"CKPT_DIR {ckpt_dir}: {what}")
     if not isinstance(args.workers, int) or isinstance(args.workers, bool) or args.workers < 0:
         raise UsageError(f"--workers: {args.workers!r} is not a number of workers (0 or more)")
     check_device(str(args.device), local=not args.scheduler)

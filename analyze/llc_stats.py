@@ -46,8 +46,13 @@ DRIFT_MAX = 3.0
 
 
 def _arviz():
-    import arviz  # imported lazily: ~1 s, and only estimators that sample need it
+    import warnings
 
+    with warnings.catch_warnings():
+        # ArviZ 0.2x announces its coming refactor in a multi-line FutureWarning on import, once per dask worker;
+        # nothing here depends on what it announces
+        warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+        import arviz  # imported lazily: ~1 s, and only estimators that sample need it
     return arviz
 
 

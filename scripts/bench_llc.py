@@ -23,7 +23,7 @@ every case. PASS/FAIL is printed per target; the exit status is 0 either way (ti
 machine vary).
 
 Where drawing the noise alone costs more than 0.3 x bare (case (b) on a CPU: 4 x 269k Gaussians per
-step from torch's generator, the fastest exact one found here, see the README), fast / bare <= 1.3 is
+step from torch's generator, the fastest exact one found here, see docs/benchmarks.md), fast / bare <= 1.3 is
 out of reach for any exact SGLD; the verdict is then FLOOR if fast is within 1.3x of bare+noise, the
 floor, and FAIL otherwise.
 """

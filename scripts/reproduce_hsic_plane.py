@@ -28,20 +28,20 @@ Smoke run (well under a minute; digits needs no dataset package):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import _stages  # noqa: E402  (scripts/, the script's own folder)
+from _stages import past_timings, stage  # noqa: E402
 
 PROG = "reproduce_hsic_plane"
 # The notebook's network, in the trainer's layer-list syntax. PyGlow's last layer is Dense(10, softmax)
@@ -61,43 +61,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(cmd: list[str]) -> None:
-    print("+", shlex.join(cmd), flush=True)
-    status = subprocess.call(cmd)
-    if status != 0:
-        raise SystemExit(f"{PROG}: {Path(cmd[0]).name} failed (exit {status}); see its message above "
-                         "(a rerun resumes what finished)")
+    _stages.run(cmd, PROG)
 
 
 def bin_path(name: str) -> str:
-    path = Path(sys.executable).with_name(name)
-    if not path.exists():
-        raise SystemExit(f"{PROG}: {path} not found: run with the project's venv python (pip install -e .)")
-    return str(path)
-
-
-@contextmanager
-def stage(name: str, timings: dict, log: Path | None = None):
-    """Time a stage; with `log`, add its seconds to that JSON file's per-stage totals, which sum every
-    completed stage of every invocation on this output folder (a resumed run adds the time it took)."""
-    print(f"\n=== {name}", flush=True)
-    start = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - start
-    print(f"=== {name}: {timings[name] / 60:.1f} min", flush=True)
-    if log is not None:
-        totals = past_timings(log)
-        totals[name] = totals.get(name, 0.0) + timings[name]
-        tmp = log.with_name(log.name + ".tmp")
-        tmp.write_text(json.dumps(totals, indent=1))
-        tmp.replace(log)
-
-
-def past_timings(log: Path) -> dict[str, float]:
-    try:
-        totals = json.loads(log.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: float(v) for k, v in totals.items() if isinstance(v, (int, float))} if isinstance(totals, dict) else {}
+    return _stages.bin_path(name, PROG)
 
 
 def positive_int(text: str) -> int:

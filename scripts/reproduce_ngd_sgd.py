@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +38,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import _stages  # noqa: E402  (scripts/, the script's own folder)
+from _stages import past_timings, stage  # noqa: E402
 from analyze import branch_compare as bc  # noqa: E402
 
 # The study's own args file (its format: [hyperparameters, data args, sampler args]).
@@ -49,24 +48,15 @@ CURVATURE = ["--hessian-trace-method", "exact", "--hessian-spectrum", "false", "
              "--hessian-batch-size", "128"]  # 10 batches of 128 (as the study): the subsample s.e. needs several
 
 
+PROG = "reproduce_ngd_sgd"
+
+
 def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    status = subprocess.call(cmd)
-    if status != 0:
-        raise SystemExit(f"reproduce_ngd_sgd: {Path(cmd[0]).name} failed (exit {status}); rerun to resume")
+    _stages.run(cmd, PROG)
 
 
 def bin_path(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-@contextmanager
-def stage(name: str, timings: dict):
-    print(f"\n=== {name}", flush=True)
-    start = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - start
-    print(f"=== {name}: {timings[name] / 60:.1f} min", flush=True)
+    return _stages.bin_path(name, PROG)
 
 
 def healthy(llc: pd.DataFrame) -> pd.Series:
@@ -112,39 +102,60 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
     return out
 
 
-def figure(tables: dict, family: str, cut: int, llc_filter: dict, path: Path) -> None:
+def figure(tables: dict, family: str, cut: int, settings: dict, path: Path) -> None:
+    """Four panels: the LLC at both settings and Tr(H) against epoch, and Tr(H) against training loss (the
+    matched-loss view: NGD trains faster, so at equal epochs it sits at a lower loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    llc = tables["llc"]
-    for key, value in llc_filter.items():
-        llc = llc[llc[key] == value]
+    def llc_at(setting):
+        llc = tables["llc"]
+        for key, value in setting.items():
+            llc = llc[llc[key] == value]
+        return llc
+
     hess = tables["hessian"][tables["hessian"].trace_method == "exact"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    ev = tables["evaluate"]
+    train_loss = ev[ev.split == "train"].drop_duplicates(["run", "epoch"], keep="last").set_index(["run", "epoch"]).loss
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     colors = {"trunk": "0.4", "swap-sgd": "tab:blue", "swap-ngd": "tab:red"}
-    for ax, frame, value, se, title in ((axes[0], llc, "llc_mean", "llc_sem", "LLC (± s.e.), calibrated setting"),
-                                        (axes[1], hess, "trace", "trace_stderr", "Hessian trace (± s.e.)")):
+    labels = {"trunk": "SGD (trunk)", "swap-sgd": "SGD after swap", "swap-ngd": "NGD after swap"}
+    panels = ((axes[0, 0], llc_at(settings["calibrated"]), "llc_mean", "llc_sem", "LLC (± s.e.), calibrated setting"),
+              (axes[0, 1], llc_at(settings["study's"]), "llc_mean", "llc_sem", "LLC (± s.e.), the study's setting"),
+              (axes[1, 0], hess, "trace", "trace_stderr", "Hessian trace (± s.e.)"))
+    for ax, frame, value, se, title in panels:
         for name, color in colors.items():
             rows = frame[frame.run == f"{family}-{name}"].sort_values("epoch")
-            if name != "trunk" and value == "llc_mean":
+            if value == "llc_mean":  # hollow: chains not healthy
                 bad = ~healthy(rows)
-                ax.scatter(rows.epoch[bad], rows[value][bad], facecolors="none", edgecolors=color, zorder=3)
+                ax.scatter(rows.epoch[bad], rows[value][bad], s=40, facecolors="white", edgecolors=color, zorder=3)
             ax.errorbar(rows.epoch, rows[value], yerr=rows[se], color=color, marker="o", ms=3, lw=1.2, capsize=2,
-                        label={"trunk": "SGD (trunk)", "swap-sgd": "SGD after swap", "swap-ngd": "NGD after swap"}[name])
+                        label=labels[name])
         ax.axvline(cut, color="k", ls="--", lw=0.8)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    at_min = llc[~llc.not_at_minimum] if "not_at_minimum" in llc else llc
-    if len(at_min):  # early checkpoints are not at a minimum (LLC undefined): scale to the rest
-        low, high = (at_min.llc_mean - at_min.llc_sem).min(), (at_min.llc_mean + at_min.llc_sem).max()
-        axes[0].set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-    axes[0].legend()
-    fig.suptitle("NGD vs SGD after the swap (dashed): hollow = chains not healthy")
+        if value == "llc_mean" and "not_at_minimum" in frame and (~frame.not_at_minimum).any():
+            at_min = frame[~frame.not_at_minimum]  # early checkpoints are not at a minimum: scale to the rest
+            low, high = (at_min.llc_mean - at_min.llc_sem).min(), (at_min.llc_mean + at_min.llc_sem).max()
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    ax = axes[1, 1]
+    for name, color in colors.items():
+        rows = hess[hess.run == f"{family}-{name}"].sort_values("epoch")
+        loss = train_loss.reindex(list(zip(rows.run, rows.epoch))).to_numpy()
+        ax.errorbar(loss, rows.trace, yerr=rows.trace_stderr, color=color, marker="o", ms=3, lw=1.2, capsize=2,
+                    label=labels[name])
+    ax.set_xscale("log")
+    ax.invert_xaxis()  # training proceeds to the right
+    ax.set_xlabel("training loss (log scale, decreasing)")
+    ax.set_title("Hessian trace against training loss")
+    ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.suptitle("NGD vs SGD after the swap (dashed line); hollow markers: chains not healthy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -166,6 +177,8 @@ def main() -> int:
     ap.add_argument("--llc-batch-size", default="64", help="SGLD minibatch at the calibrated setting, with "
                     "control-variate gradients (default: %(default)s)")
     ap.add_argument("--llc-burnin", type=int, default=300, help="burn-in steps per chain (default: %(default)s)")
+    ap.add_argument("--llc-epochs", help="the LLC at the calibrated setting only at these epochs (analyze's --epochs "
+                    "syntax, e.g. 0-80:5; default: every checkpoint)")
     ap.add_argument("--calibration-draws", type=int, default=150,
                     help="draws (and burn-in) per calibration chain at the largest step; k times more at a k "
                          "times smaller step (default: %(default)s)")
@@ -193,32 +206,36 @@ def main() -> int:
     ckpts, analysis = out / "ckpts", out / "ckpts" / "analysis"
     data = ["--data-root", args.data_root] if args.data_root else []
     common = [*data, "--device", args.device] + (["--workers", str(args.workers)] if args.workers else [])
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # this invocation's stages; OUT/timings.json sums them over resumed runs
+    log = out / "timings.json"
 
-    with stage("training", timings):
+    with stage("training", timings, log):
         run([bin_path("train-ckpts"), "--config", str(out / "args_ngd_sgd.json"), "--out", str(ckpts), *data,
              "--device", args.device, "--quiet"] + (["--resume"] if ckpts.exists() else []))
-    with stage("calibration", timings):
+    with stage("calibration", timings, log):
         cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
-        run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
-             "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
-             "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device])
+        if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
+            run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
+                 "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
+                 "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device])
         lr, loc, why = calibrated_setting(analysis, f"{family}-trunk", cut)
     print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
           f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {args.llc_burnin} burn-in")
-    with stage("Hessian trace (and evaluate), every checkpoint", timings):
+    with stage("Hessian trace (and evaluate), every checkpoint", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate,hessian", *CURVATURE, "--no-report", *common])
     llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"]),
                    "--llc-burnin", str(args.llc_burnin)]
-    with stage("LLC at the calibrated setting, every checkpoint", timings):
+    which = f"epochs {args.llc_epochs}" if args.llc_epochs else "every checkpoint"
+    with stage(f"LLC at the calibrated setting, {which}", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-lr", lr,
-             "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report", *common])
+             "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report", *common]
+            + (["--epochs", args.llc_epochs] if args.llc_epochs else []))
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
-    with stage("LLC at the study's setting, every fifth epoch", timings):
+    with stage("LLC at the study's setting, every fifth epoch", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,
              "--llc-lr", study_lr, "--llc-localization", study_loc, "--llc-gradient", "minibatch",
              "--llc-batch-size", str(study[1]["batch_size"]), "--no-report", *common])
-    with stage("report", timings):
+    with stage("report", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate", *common])
 
     import analyze
@@ -239,24 +256,49 @@ def main() -> int:
     print("\nstudy's claim: after the swap NGD reaches a higher LLC and a higher Hessian trace than SGD.")
     print("\n".join(lines))
     (out / "verdict.txt").write_text("\n".join(lines) + "\n")
-    print("\ntimings: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-          + f"; total {sum(timings.values()) / 60:.1f} min")
+    totals = past_timings(log)
+    print("\ntimings (summed over the runs on this folder): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in
+                                                                      totals.items())
+          + f"; total {sum(totals.values()) / 60:.1f} min")
     if args.doc:
-        write_doc(Path(args.doc), study, tables, family, cut, settings, lr, loc, why, args, timings, lines, sections)
+        write_doc(Path(args.doc), study, tables, family, cut, settings, lr, loc, why, args, totals, lines, sections)
     return 0
+
+
+def reading(lines: list[str]) -> list[str]:
+    """A sentence where the matched-epoch and matched-loss verdicts of one measure disagree."""
+    def call(line):
+        return line.split(": ", 2)[1]
+
+    out = []
+    for epoch_line in (line for line in lines if " at matched epoch" in line):
+        measure = epoch_line.split(" at matched epoch")[0]
+        rest = epoch_line.split(" at matched epoch")[1].split(":")[0]  # e.g. ", calibrated setting"
+        loss_line = next((line for line in lines if line.startswith(f"{measure} at matched training loss{rest}:")),
+                         None)
+        if loss_line and call(epoch_line) != call(loss_line) and "NO VERDICT" not in epoch_line + loss_line:
+            out.append(f"{measure}{rest}: the verdict at matched training loss ({call(loss_line)}) differs from the "
+                       f"one at matched epoch ({call(epoch_line)}): at equal epochs NGD has trained further, and "
+                       "the difference at equal epochs goes with its lower training loss.")
+    return [*out, ""] if out else []
 
 
 def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, args, timings, lines, sections):
     png = path.with_suffix(".png")
-    figure(tables, family, cut, settings["calibrated"], png)
+    figure(tables, family, cut, settings, png)
     llc = tables["llc"]
     ok = healthy(llc)
     per_setting = []
+    hess = tables["hessian"].drop_duplicates(["run", "epoch"], keep="last").set_index(["run", "epoch"])
     for name, f in settings.items():
         rows = llc[(llc.lr_option == f["lr_option"]) & (llc.localization_option == f["localization_option"])]
         healthy_rows = ok[rows.index]
+        # eps x nbeta x lambda_max: >= 2 inflates the stiffest direction's variance 2x or more, >= 4 is unstable
+        curvature = rows.lr_nbeta.to_numpy() * hess.lambda_max.reindex(list(zip(rows.run, rows.epoch))).to_numpy()
         per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(healthy_rows.sum())} healthy; "
                            f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f}, "
+                           f"step_curvature (eps x nbeta x lambda_max, stable below 2) {pd.Series(curvature).min():.2g}"
+                           f" to {pd.Series(curvature).max():.2g}, "
                            f"median seconds per checkpoint {rows.seconds.median():.0f}")
     text = [
         "# NGD vs SGD: the learning-coefficient study at full scale",
@@ -268,7 +310,8 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
         "",
         f"- LLC, calibrated setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch "
         f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {study[2]['num_draws']} draws after "
-        f"{args.llc_burnin} burn-in; nbeta = n / log n.",
+        f"{args.llc_burnin} burn-in; nbeta = n / log n; "
+        + (f"epochs {args.llc_epochs} (--llc-epochs)." if args.llc_epochs else "every checkpoint."),
         f"- LLC, the study's setting: eps {study[2]['sampler_lr']:g}, "
         f"gamma {study[2]['localization']:g}, plain minibatches of {study[1]['batch_size']}, same chains and draws, "
         "every fifth epoch.",
@@ -279,12 +322,15 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
         "",
         *[f"- {line}" for line in lines],
         "",
+        *reading(lines),
         "Chain health:",
         *per_setting,
         "",
         f"![LLC and Hessian trace against epoch]({png.name})",
         "",
         "## Timings on this machine",
+        "",
+        "Each stage's time summed over the invocations that built this output folder (OUT/timings.json).",
         "",
         "| stage | minutes |",
         "|---|---|",

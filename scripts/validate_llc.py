@@ -66,7 +66,7 @@ CASES = [
     Case("linreg-10to3", 10, 3, 1, 0, None, 11_100, bias=True),  # d = 33
     Case("linreg-20to5", 20, 5, 1, 0, None, 66_600, bias=True),  # d = 105
     Case("linreg-30to9", 30, 9, 1, 0, None, 11_100, bias=True),  # d = 279
-    Case("dln-5x2-r5", 5, 5, 5, 2, None, 11_100),  # 5-5-5-5, full rank
+    Case("dln-5x2-r5", 5, 5, 5, 2, 5, 11_100),  # 5-5-5-5, full rank (orthogonal layers: resolved singular values)
     Case("dln-10x4x2-r2", 10, 10, 4, 2, 2, 11_100),  # 10-4-4-10, rank 2
     Case("dln-8x3-r3", 8, 8, 8, 3, 3, 1_100),  # 8-8-8-8-8, rank 3
     Case("dln-20x10-r5", 20, 20, 10, 1, 5, 66_600),  # 20-10-20, rank 5

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def make_ckpts(out: Path, **overrides) -> Path:
+def train_tiny_study(out: Path, **overrides) -> Path:
     """Train a tiny study into `out` (default: digits, ffnn 1x8, swap 2 of 3 epochs) and return `out`."""
     settings = dict(dataset="digits", model_type="ffnn", hidden_nodes=[8], hidden_layers=[1],
                     experiment_type="swap", optimizer="both", cut_off_epochs=2, num_epochs=3,
@@ -29,9 +29,15 @@ def make_ckpts(out: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_ckpts():
+    """`make_ckpts(out, **overrides)`: train a tiny study with the real trainer (train_tiny_study)."""
+    return train_tiny_study
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpts_master(tmp_path_factory) -> Path:
     """A swap study on digits, trained once per session. Copy it (tiny_ckpts) before modifying."""
-    return make_ckpts(tmp_path_factory.mktemp("master") / "ckpts")
+    return train_tiny_study(tmp_path_factory.mktemp("master") / "ckpts")
 
 
 @pytest.fixture

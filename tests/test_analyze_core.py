@@ -110,6 +110,14 @@ def test_bad_run_json_is_one_warning_and_the_run_is_skipped(tiny_ckpts):
     assert all("\n" not in w and "skipped" in w for w in catalog.warnings)
 
 
+def test_checkpoints_without_run_json_are_one_warning(tiny_ckpts):
+    (tiny_ckpts / SGD / "run.json").unlink()
+    (tiny_ckpts / "notes").mkdir()  # a folder without checkpoints is not worth a word
+    catalog = build_catalog(tiny_ckpts)
+    assert SGD not in [r.name for r in catalog.runs]
+    assert catalog.warnings == [f"{tiny_ckpts / SGD}: checkpoints but no run.json; folder skipped"]
+
+
 def test_cli_warns_about_a_bad_run_and_analyses_the_rest(tiny_ckpts, capsys):
     (tiny_ckpts / SGD / "run.json").write_text("[1, 2")
     assert run_cli(tiny_ckpts, "--estimators", "weights") == 0
@@ -257,6 +265,7 @@ def test_an_error_of_a_since_rewritten_checkpoint_is_dropped(tiny_ckpts, capsys)
     (["{ckpts}", "--estimators", "weights", "--evaluate-batch-size", "8"],
      "--evaluate-batch-size: estimator 'evaluate' is not selected"),
     (["{ckpts}/missing"], "CKPT_DIR {ckpts}/missing: no such directory"),
+    (["{ckpts}/ffnn-1x8-trunk/run.json"], "CKPT_DIR {ckpts}/ffnn-1x8-trunk/run.json: is a file, not a folder of runs"),
     (["{ckpts}", "--epochs", "3-1"], "--epochs: range '3-1' ends before it starts"),
     (["{ckpts}", "--epochs", "40-50"], "--epochs '40-50': selects no checkpoint"),
     (["{ckpts}", "--runs", "zzz*"], "--runs 'zzz*': matches none of the runs"),

@@ -11,7 +11,6 @@ import torch
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.fim import FIMEstimator, softmax_fisher_root
 from analyze.estimators.hessian import HessianEstimator, training_subset
-from conftest import make_ckpts
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss
@@ -32,7 +31,7 @@ def hooks_of(model):
 
 
 @pytest.fixture(scope="module")
-def trained_digits(tmp_path_factory) -> Context:
+def trained_digits(tmp_path_factory, make_ckpts) -> Context:
     """A 64 -> 24 -> 10 ReLU MLP trained 5 epochs on digits by the real trainer."""
     out = make_ckpts(tmp_path_factory.mktemp("fim") / "ckpts", hidden_nodes=[24], hidden_layers=[1],
                      experiment_type="standard", optimizer="sgd", num_epochs=5, sgd_lr=0.05)

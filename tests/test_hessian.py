@@ -13,7 +13,6 @@ import torch
 from analyze.estimators import hessian as H
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.hessian import HessianEstimator, training_subset
-from conftest import make_ckpts
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss
@@ -51,7 +50,7 @@ def reference_hessian(ctx: Context, samples: int, seed: int = 0) -> torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def digits_ctx(tmp_path_factory) -> Context:
+def digits_ctx(tmp_path_factory, make_ckpts) -> Context:
     """A 64 -> 24 -> 10 ReLU MLP (1810 parameters) trained 5 epochs on digits by the real trainer."""
     out = make_ckpts(tmp_path_factory.mktemp("hess") / "ckpts", hidden_nodes=[24], hidden_layers=[1],
                      experiment_type="standard", optimizer="sgd", num_epochs=5, sgd_lr=0.05)

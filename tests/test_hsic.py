@@ -13,7 +13,6 @@ import torch
 from analyze import hsic_math as hm
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.hsic import HSICEstimator
-from conftest import make_ckpts
 from trainer.checkpoints import list_checkpoints, load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.models import build_model
@@ -373,7 +372,7 @@ def test_hooks_are_removed_and_inference_mode_is_fine():
 
 
 # ---------------------------------------------------------------------------- a real trained network
-def test_training_raises_the_last_hidden_layers_dependence_on_labels(tmp_path):
+def test_training_raises_the_last_hidden_layers_dependence_on_labels(tmp_path, make_ckpts):
     out = make_ckpts(tmp_path / "ck", hidden_nodes=[32], hidden_layers=[1], experiment_type="standard",
                      optimizer="sgd", num_epochs=5, sgd_lr=0.05, batch_size=32)
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]

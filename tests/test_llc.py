@@ -16,7 +16,6 @@ from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator
 from analyze.llc_stats import chain_left_basin, not_at_minimum
 from analyze.sgld import SGLDSettings, chain_seed, sample_losses
-from conftest import make_ckpts
 from trainer.checkpoints import checkpoint_name
 from trainer.data import load_dataset
 from trainer.losses import nll_loss
@@ -43,7 +42,7 @@ def linear_regression_context(d: int, sigma: float = 0.5, samples: int = 2000) -
 
 
 @pytest.fixture(scope="module")
-def mlp_context(tmp_path_factory) -> Context:
+def mlp_context(tmp_path_factory, make_ckpts) -> Context:
     out = make_ckpts(tmp_path_factory.mktemp("llc") / "ck", experiment_type="standard", optimizer="sgd",
                      num_epochs=5, hidden_nodes=[16], sgd_lr=0.05)
     return context_for(out / "ffnn-1x16-sgd" / checkpoint_name(5))
@@ -265,6 +264,23 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     assert (strong.llc_mean < 0.6 * 5).all()
     weak = table[table.localization_option == "1"].set_index("lr_option")
     assert not weak.loc["0.1/nbeta", "agrees_with_larger_step"]  # the step-size bias of the largest step
+    # the stability product eps x nbeta x lambda_max, lambda_max against the exact Hessian of the mean Gaussian NLL
+    # on the same 1280 samples: X~^T X~ / (m sigma^2), X~ the inputs with a column of ones
+    from analyze.estimators.hessian import training_subset
+
+    x, _ = training_subset(ctx, 1280, 0)
+    design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    exact = torch.linalg.eigvalsh(design.T @ design / (len(x) * 0.5 ** 2))[-1].item()
+    assert table.lambda_max.iloc[0] == pytest.approx(exact, rel=1e-4)
+    np.testing.assert_allclose(table.step_curvature, table.lr_nbeta * exact, rtol=1e-4)
+
+
+def test_a_step_unstable_in_the_stiffest_direction_is_not_healthy():
+    from analyze.calibrate import STABLE_STEP, healthy
+
+    row = {"diverged": False, "left_basin": False, "not_at_minimum": False, "rhat": 1.0, "drift": 0.0}
+    assert healthy({**row, "step_curvature": 0.5 * STABLE_STEP})
+    assert not healthy({**row, "step_curvature": STABLE_STEP})
 
 
 def test_agreement_uses_the_standard_errors():
@@ -286,7 +302,7 @@ def test_recommendation_skips_a_localization_where_any_step_is_unhealthy():
     assert recommend(table.assign(healthy=False), ["n/log n"], ["1", "100"]) is None
 
 
-def test_standard_error_matches_the_spread_over_chain_seeds(mlp_context):
+def test_standard_error_matches_the_spread_over_chain_seeds(mlp_context, make_ckpts):
     """Over 20 chain seeds, the SD of llc_mean matches the mean reported llc_sem within a factor 1.5, on a deep
     linear net (where ArviZ's within-chain mcse was 6x too large) and on a ReLU MLP."""
     out = make_ckpts(Path(tempfile.mkdtemp()) / "ck", dataset="teacher", teacher_task="regression",

@@ -2,19 +2,12 @@
 
 import copy
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 
-# Make `trainer` importable when pytest is run from the repo without installation.
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from trainer.optim import NGD  # noqa: E402
-from trainer.optim.ngd import (  # noqa: E402
+from trainer.optim import NGD
+from trainer.optim.ngd import (
     dense_natural_direction,
     fisher_rank,
     truncate_fisher,

@@ -31,7 +31,6 @@ import analyze
 from analyze.catalog import build_catalog
 from analyze.cli import main as analyze_main
 from analyze.store import Store, UnsafeName
-from conftest import make_ckpts
 from test_analyze_dask import DASK, ENV, free_port, stop
 from trainer.atomic import TMP_PREFIX, folder_lock
 from trainer.checkpoints import (CheckpointError, check_name, list_checkpoints, load_model, read_checkpoint,
@@ -99,7 +98,7 @@ def test_no_unpickling_or_eval_anywhere_in_the_packages():
             if t.string == "allow_pickle":
                 hits.append(f"{name}: allow_pickle")
     assert hits == []
-    # and the plain-text check the README promises
+    # and the plain-text check docs/reliability.md promises
     for path in files:
         text = path.read_text()
         assert "torch.load(" not in text and "pickle.load" not in text, path
@@ -337,7 +336,7 @@ def check_run_folders(out: Path) -> dict[str, int]:
     return counts
 
 
-def test_train_ckpts_killed_at_random_moments_resumes_to_the_uninterrupted_bytes(tmp_path):
+def test_train_ckpts_killed_at_random_moments_resumes_to_the_uninterrupted_bytes(tmp_path, make_ckpts):
     env = {**ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
     rng = random.Random(20240611)

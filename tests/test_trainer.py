@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import trainer.experiment as experiment
-from conftest import make_ckpts
 from trainer.checkpoints import checkpoint_name, list_checkpoints, load_model, read_checkpoint
 from trainer.cli import config_from_args, main
 from trainer.config import ConfigError, TrainConfig
@@ -36,7 +35,7 @@ def ckpt_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     dict(model_type="cnn", hidden_conv_layers=[1]),
     dict(model_type="layers", layers=["conv2d:4:3:1:1:relu", "flatten", "dropout:0.2", "dense:16:relu", "dense:10"]),
 ], ids=["ffnn", "dlnn", "cnn", "layers"])
-def test_checkpoint_rebuilds_model_from_metadata_alone(tmp_path, overrides):
+def test_checkpoint_rebuilds_model_from_metadata_alone(tmp_path, overrides, make_ckpts):
     out = make_ckpts(tmp_path / "ck", experiment_type="standard", optimizer="sgd", num_epochs=1, **overrides)
     (run_dir,) = [p for p in out.iterdir()]
     path = run_dir / checkpoint_name(1)
@@ -53,7 +52,7 @@ def test_checkpoint_rebuilds_model_from_metadata_alone(tmp_path, overrides):
         assert not torch.equal(model(x), build_model(ckpt.meta["model_spec"]).eval()(x))  # weights matter
 
 
-def test_epoch_zero_is_the_shared_initialisation_of_a_standard_experiment(tmp_path):
+def test_epoch_zero_is_the_shared_initialisation_of_a_standard_experiment(tmp_path, make_ckpts):
     out = make_ckpts(tmp_path / "ck", experiment_type="standard", optimizer="both", num_epochs=2)
     sgd, ngd = ckpt_tensors(out / "ffnn-1x8-sgd"), ckpt_tensors(out / "ffnn-1x8-ngd")
     assert sgd.keys() == ngd.keys() == {checkpoint_name(e) for e in range(3)}
@@ -114,7 +113,7 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("kill_before_resume_state", [False, True], ids=["after-epoch", "between-writes"])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kill_before_resume_state):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kill_before_resume_state, make_ckpts):
     settings = dict(experiment_type="standard", optimizer="both", num_epochs=4)
     reference = make_ckpts(tmp_path / "reference", **settings)
 
@@ -152,7 +151,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kill_before_resume_s
                                           b.drop(columns=["seconds"], errors="ignore"))
 
 
-def test_resume_of_a_run_killed_in_its_first_epoch_keeps_the_run_folder(tmp_path, monkeypatch):
+def test_resume_of_a_run_killed_in_its_first_epoch_keeps_the_run_folder(tmp_path, monkeypatch, make_ckpts):
     """Killed before the first resume state: the resume starts the run again in the same folder (a reader
     listing the output folder meanwhile must never find the run folder gone) and ends with the same bytes."""
     settings = dict(experiment_type="standard", optimizer="sgd", num_epochs=2)
@@ -180,20 +179,21 @@ def test_resume_of_a_run_killed_in_its_first_epoch_keeps_the_run_folder(tmp_path
         assert (run / name).read_bytes() == (reference / run.name / name).read_bytes(), name
 
 
-def test_resume_refuses_a_different_configuration(tmp_path):
+def test_resume_refuses_a_different_configuration(tmp_path, make_ckpts):
     out = make_ckpts(tmp_path / "ck", experiment_type="standard", optimizer="sgd", num_epochs=1)
     with pytest.raises(ConfigError, match="different configuration"):
         make_ckpts(out, experiment_type="standard", optimizer="sgd", num_epochs=1, sgd_lr=0.1, resume=True)
 
 
 # ----------------------------------------------------------------------------------- config
-def test_study_args_file_trains(tmp_path, recwarn):
+def test_study_args_file_trains(tmp_path, recwarn, capsys):
     args = tmp_path / "args_ngd_sgd.json"
     args.write_text(json.dumps(STUDY_ARGS))
     out = tmp_path / "ck"
     code = main(["--config", str(args), "--dataset", "digits", "--hidden-nodes", "16", "--cut-off-epochs", "1",
                  "--num-epochs", "2", "--batch-size", "256", "--out", str(out), "--quiet"])
     assert code == 0
+    assert capsys.readouterr().out.strip().endswith(f"; next: analyze {out}")  # says what to run next
     assert not [w for w in recwarn if "unknown keys" in str(w.message)]  # every study key is understood
     assert sorted(p.name for p in out.iterdir()) == ["ffnn-2x16-swap-ngd", "ffnn-2x16-swap-sgd", "ffnn-2x16-trunk"]
     record = json.loads((out / "ffnn-2x16-swap-ngd" / "run.json").read_text())
@@ -291,7 +291,7 @@ def test_nan_loss_stops_the_run_and_keeps_valid_checkpoints(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- datasets
-def test_teacher_regression_uses_the_gaussian_nll_with_recorded_sigma(tmp_path):
+def test_teacher_regression_uses_the_gaussian_nll_with_recorded_sigma(tmp_path, make_ckpts):
     out = make_ckpts(tmp_path / "ck", dataset="teacher", teacher_task="regression", teacher_outputs=2,
                      teacher_noise_sigma=0.5, teacher_model_type="dlnn", teacher_hidden_layers=2,
                      model_type="dlnn", hidden_nodes=[4], hidden_layers=[2],
@@ -325,7 +325,7 @@ def test_splits_are_seeded_and_disjoint():
     assert not torch.equal(a.train.y, c.train.y)
 
 
-def test_step_checkpoints(tmp_path):
+def test_step_checkpoints(tmp_path, make_ckpts):
     out = make_ckpts(tmp_path / "ck", experiment_type="standard", optimizer="sgd", num_epochs=2, ckpt_every_steps=5)
     found = [(e, s) for e, s, _ in list_checkpoints(out / "ffnn-1x8-sgd")]
     # 19 steps per epoch: mid-epoch checkpoints at multiples of 5 that are not an epoch's end

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     bad = {run: s for run, s in statuses.items() if s != "complete"}
     print(f"checkpoints of {len(statuses)} run(s) in {cfg.out}/" +
-          (f"; not complete: {', '.join(f'{r} ({s})' for r, s in bad.items())}" if bad else ""))
+          (f"; not complete: {', '.join(f'{r} ({s})' for r, s in bad.items())}" if bad else
+           f"; next: analyze {cfg.out}"))
     return 1 if bad else 0
 
 

@@ -14,6 +14,7 @@ trained student's by about this much (about lambda / log n for a regular model).
 Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick] [--doc docs/llc-validation.md]
        [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
 --quick runs a small subset (the tests use it); the full suite with --calibrate takes about 20 minutes here.
+docs/llc-validation.jsonl keeps the rows behind docs/llc-validation.md (--json); --from-json rebuilds the page.
 """
 
 from __future__ import annotations

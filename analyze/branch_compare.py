@@ -19,12 +19,13 @@ Z = 2.0  # combined standard errors for a difference to count
 LOSS_TOLERANCE = 0.05  # matched-loss pairs: |loss_a - loss_b| <= 5% of loss_b
 
 
-def series(values: pd.DataFrame, run: str, value: str, se: str, ok: pd.Series | None = None,
+def series(values: pd.DataFrame, run: str, value: str, se: str, ok: str | None = None,
            train_loss: pd.Series | None = None) -> pd.DataFrame:
-    """One run's (epoch -> value, se, ok, train_loss) from a tidy table with run and epoch columns."""
+    """One run's (epoch -> value, se, ok, train_loss) from a tidy table with run and epoch columns; `ok` names
+    its boolean health column (every point healthy without one)."""
     rows = values[values.run == run].drop_duplicates("epoch", keep="last").set_index("epoch").sort_index()
     out = pd.DataFrame({"value": rows[value].astype(float), "se": rows[se].astype(float)})
-    out["ok"] = True if ok is None else ok.reindex(rows.index).fillna(False).astype(bool).to_numpy()
+    out["ok"] = True if ok is None else rows[ok].astype(bool).to_numpy()
     out["train_loss"] = np.nan if train_loss is None else train_loss.reindex(out.index).to_numpy()
     return out
 

@@ -88,12 +88,11 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
     hess = tables["hessian"]
     hess = hess[hess.trace_method == "exact"]
     out = {}
-    for measure, frame, value, se, ok in (("LLC", llc, "llc_mean", "llc_sem", healthy(llc)),
+    for measure, frame, value, se, ok in (("LLC", llc.assign(ok=healthy(llc)), "llc_mean", "llc_sem", "ok"),
                                           ("Tr(H)", hess, "trace", "trace_stderr", None)):
         if not len(frame):
             continue
-        s = {r: bc.series(frame, r, value, se, None if ok is None else ok[frame.run == r].set_axis(
-            frame[frame.run == r].epoch).groupby(level=0).last(), loss[r]) for r in (sgd, ngd, trunk)}
+        s = {r: bc.series(frame, r, value, se, ok, loss[r]) for r in (sgd, ngd, trunk)}
         # SGD's side of a matched-loss pair may be any SGD-trained checkpoint: the trunk's and the branch's
         sgd_path = pd.concat([s[trunk], s[sgd]])
         out[f"{measure} at matched epoch"] = bc.at_matched_epoch(s[ngd], s[sgd], cut)

@@ -38,10 +38,10 @@ def test_matched_loss_pairs_each_checkpoint_with_the_nearest_loss_within_toleran
 
 
 def test_unhealthy_points_are_left_out_of_the_verdict():
-    ok = pd.Series([True, False, False], index=[4, 5, 6])
-    a = bc.series(frame("ngd", [4, 5, 6], [5.0, 20.0, 20.0], [1.0] * 3, [1.0] * 3), "ngd", "value", "se", ok=ok)
+    ngd = frame("ngd", [4, 5, 6], [5.0, 20.0, 20.0], [1.0] * 3, [1.0] * 3).assign(ok=[True, False, False])
+    a = bc.series(ngd, "ngd", "value", "se", ok="ok")
     b = bc.series(frame("sgd", [4, 5, 6], [10.0] * 3, [1.0] * 3, [1.0] * 3), "sgd", "value", "se")
     text = bc.verdict(bc.at_matched_epoch(a, b, after=0), "NGD", "SGD", "LLC")
     assert text.startswith("LLC: NGD BELOW") and "2 unhealthy points left out" in text
-    none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]), "ngd", "value", "se", ok=pd.Series([False], index=[4]))
+    none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]).assign(ok=False), "ngd", "value", "se", ok="ok")
     assert "NO VERDICT" in bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC")

@@ -3,20 +3,18 @@ recommendation and the plateau it comes from.
 
 Steps are given relative to nbeta ('c/nbeta': the drift's effective step eps x nbeta = c) and every
 step gets the same sampling time: a step k times smaller runs k times more burn-in steps and draws, so a
-smaller step is never judged on a shorter chain. A setting is *healthy* when no chain diverged or left
-the basin, the chains did not find loss clearly below the checkpoint's (`not_at_minimum`), R-hat < 1.1
-and the burn-in was long enough (|drift| <= 3), and the step is stable in the stiffest direction:
-eps x nbeta x lambda_max < STABLE_STEP (lambda_max: the top Hessian eigenvalue of the mean loss at the
-checkpoint, on the Hessian estimator's 1,280 seeded samples). On a quadratic the Euler step multiplies
-that direction by 1 - eps nbeta lambda_max / 2 per step, so at 4 it no longer contracts and well before
-its variance is inflated by 1 / (1 - eps nbeta lambda_max / 4); a saturating loss hides the instability,
-but not its bias. Two estimates *agree* when their difference is within
-AGREEMENT_SE combined standard errors, plus 5% for the standard errors' own uncertainty. The
-recommendation: the weakest localization at which every step is healthy (strong localization biases the
-LLC low), and at it the largest step that agrees with the next larger one. The two are on the plateau,
-and of the two the smaller carries the smaller step-size bias (which grows with the step: a larger step
-that merely agrees within the tolerance can still be 10% high). The table keeps every grid point, so
-the plateau (LLC against step for each localization, with error bars) can be read off and plotted.
+smaller step is never judged on a shorter chain. Only steps stable at the checkpoint are run
+(eps x nbeta x lambda_max < STABLE_STEP, analyze/stability.py; lambda_max is measured once): smaller
+ones (a factor 3 apart) replace the unstable ones, and equal sampling time counts from the largest stable
+step. A setting is *healthy* as an llc row is
+(analyze/llc_stats.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
+stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
+errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
+at which every step is healthy (strong localization biases the LLC low), and at it the largest step that
+agrees with the next larger one. The two are on the plateau, and of the two the smaller carries the
+smaller step-size bias (which grows with the step: a larger step that merely agrees within the tolerance
+can still be 10% high). The table keeps every grid point, so the plateau (LLC against step for each
+localization, with error bars) can be read off and plotted.
 """
 
 from __future__ import annotations
@@ -32,19 +30,20 @@ from tqdm.auto import tqdm
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
-from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE
+from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX, healthy
 from analyze.sgld import SAMPLERS
+from analyze.stability import STABLE_STEP, top_hessian_eigenvalue
 from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
 from trainer.data import DataError, load_dataset
 from trainer.losses import nll_loss
 
-RHAT_MAX = 1.1
-STABLE_STEP = 2.0  # eps x nbeta x lambda_max below this: the stiffest direction's variance inflated < 2x
 AGREEMENT_SE = 2.0
 AGREEMENT_SLACK = 0.05
 CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default grid's is 3x the default step)
-DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100"]}
+# gamma 1000: on large nets (a 784-256-256-10 deep linear net, 268,800 parameters) chains at gamma <= 100 roam so far
+# along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
+DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
 
 
 def _list(text: str, flag: str, parse) -> list[str]:
@@ -66,25 +65,6 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
                    per_sample_loss=nll_loss(splits.task, splits.noise_sigma, reduction="none"))
 
 
-def healthy(row) -> bool:
-    return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"]
-                and row["rhat"] < RHAT_MAX and not abs(row["drift"]) > DRIFT_MAX
-                and not row.get("step_curvature", 0.0) >= STABLE_STEP)
-
-
-def top_hessian_eigenvalue(ctx: Context, samples: int = 1280, seed: int = 0) -> float:
-    """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples."""
-    from analyze.estimators import hessian
-
-    x, y = hessian.training_subset(ctx, samples, seed)
-    op = hessian.CurvlinopsOperator(ctx.model, ctx.loss_fn, hessian.batches_of(x, y, samples), len(y), engine="hvp")
-    try:
-        with hessian.eval_mode(ctx.model):
-            return hessian.top_eigenvalues(op, 1, seed)[0]
-    finally:
-        op.close()
-
-
 def agree(a: dict, b: dict) -> bool:
     """Two estimates agree within AGREEMENT_SE combined standard errors plus AGREEMENT_SLACK of their size."""
     if not all(math.isfinite(v) for v in (a["llc_mean"], b["llc_mean"], a["llc_sem"], b["llc_sem"])):
@@ -102,7 +82,7 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     rows = []
     for nb in nbetas:
         nbeta = parse_nbeta(nb, n)
-        steps = sorted(lrs, key=lambda t: parse_lr(t, nbeta), reverse=True)
+        steps = stable_steps(lrs, nbeta, lambda_max)
         largest = parse_lr(steps[0], nbeta)
         grid = [(lr, loc) for loc in localizations for lr in steps]
         for k, (lr, loc) in enumerate(tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress,
@@ -111,20 +91,22 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
             # Each grid point gets its own chain seeds: with one seed for all, a single unlucky set of chains
             # (a chance |drift| > 3) repeated at every step and localization and disqualified them all at once,
             # and the agreement test assumes independent estimates.
-            est = LLCEstimator(lr=lr, localization=loc, nbeta=nb,
+            est = LLCEstimator(lr=lr, localization=loc, nbeta=nb, stability=False,
                                **{**common, "draws": round(common["draws"] * stretch),
                                   "burnin": round(common["burnin"] * stretch),
                                   "seed": common.get("seed", 0) * 1009 + k})
             r = est.run(ctx)["llc"].iloc[0].to_dict()
+            r["lambda_max"] = lambda_max  # measured once for the whole grid
             r["step_curvature"] = r["lr_nbeta"] * lambda_max
+            r["healthy"] = healthy(r)
             rows.append({"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
                          "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
-                         "lr_nbeta": r["lr_nbeta"], "lambda_max": lambda_max, "step_curvature": r["step_curvature"],
+                         "lr_nbeta": r["lr_nbeta"], "lambda_max": r["lambda_max"], "step_curvature": r["step_curvature"],
                          "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
                          "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
                          "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
                          "diverged": r["diverged"], "left_basin": r["left_basin"],
-                         "not_at_minimum": r["not_at_minimum"], "healthy": healthy(r), "llc_truth": r["llc_truth"],
+                         "not_at_minimum": r["not_at_minimum"], "healthy": r["healthy"], "llc_truth": r["llc_truth"],
                          "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]})
     table = pd.DataFrame(rows)
     # The next larger step at the same localization and nbeta: the plateau test.
@@ -140,6 +122,23 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     if best is not None:
         table.loc[best, "recommended"] = True
     return table
+
+
+def stable_steps(lrs: list[str], nbeta: float, lambda_max: float) -> list[str]:
+    """The steps of `lrs` that are stable at this checkpoint (eps x nbeta x lambda_max < STABLE_STEP), largest
+    first. Steps a factor 3 below the smallest are added until there are as many stable steps as were given: a
+    stiff model's plateau lies below the default grid, and an unstable step is unhealthy whatever
+    its chains show."""
+    steps = sorted(lrs, key=lambda t: parse_lr(t, nbeta), reverse=True)
+    if not math.isfinite(lambda_max):
+        return steps
+    stable = [t for t in steps if parse_lr(t, nbeta) * nbeta * lambda_max < STABLE_STEP]
+    c = parse_lr(steps[-1], nbeta) * nbeta
+    while len(stable) < len(steps):
+        c /= 3
+        if c * lambda_max < STABLE_STEP:
+            stable.append(f"{c:.2g}/nbeta")
+    return stable
 
 
 def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
@@ -232,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                    "step_curvature", "diverged", "left_basin", "not_at_minimum", "healthy", "agrees_with_larger_step",
                    "recommended"]]
     print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"lambda_max of the Hessian at the checkpoint: {table.lambda_max.iloc[0]:.4g}; step_curvature = eps x nbeta "
-          f"x lambda_max must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
+    lambda_max = table.lambda_max.iloc[0]
+    print(f"lambda_max of the Hessian at the checkpoint: {lambda_max:.4g}; step_curvature = eps x nbeta x lambda_max "
+          f"must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
+    unstable = [t for t in lrs if t not in set(table.lr_option)]
+    if unstable:
+        print(f"not run, unstable at this checkpoint: {', '.join(unstable)}; smaller steps replace them" if any(t not in lrs for t in table.lr_option) else
+              f"not run, unstable at this checkpoint: {', '.join(unstable)}")
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]

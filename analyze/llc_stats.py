@@ -14,6 +14,11 @@ It rests on few chains (4-8), so comparisons use Student's t with chains - 1 deg
 R-hat is ArviZ's rank-normalised split R-hat, ESS its bulk effective sample size, both on the loss
 traces.
 
+`healthy`: the estimate can be used. No chain diverged or left the basin, the checkpoint is at a minimum,
+R-hat < RHAT_MAX, |drift| <= DRIFT_MAX, and the step is stable in the stiffest direction
+(`step_curvature` < STABLE_STEP, analyze/stability.py; unknown, NaN, when it was not measured). One
+definition, used by the llc rows, `analyze calibrate` and the reproduction scripts' verdicts.
+
 `drift`: are the chains still settling? The LLC over the second half of the kept draws minus that over the
 first half, in units of its standard error, sqrt((s1^2 + s2^2) / chains) with s1, s2 the SDs of the chains'
 half-means (between chains, as `llc_sem`; 2 (chains - 1) degrees of freedom; the halves' positive correlation
@@ -38,11 +43,14 @@ import warnings
 
 import numpy as np
 
+from analyze.stability import STABLE_STEP
+
 LEFT_BASIN_LEVEL = 0.5
 RISING_LEVEL = 0.2
 RISING_DRIFT = 0.02
 NOT_AT_MINIMUM_SE = 3.0
 DRIFT_MAX = 3.0
+RHAT_MAX = 1.1
 
 
 def _arviz():
@@ -114,6 +122,14 @@ def drift(kept: np.ndarray, nbeta: float) -> float:
     first, second = nbeta * kept[:, :half].mean(axis=1), nbeta * kept[:, -half:].mean(axis=1)
     sem = math.hypot(between_chain_sem(first), between_chain_sem(second))
     return float((second.mean() - first.mean()) / sem) if sem > 0 else math.nan
+
+
+def healthy(row) -> bool:
+    """Whether an llc or calibration row can be used (module docstring); row: a mapping or a pandas row."""
+    step_curvature = row.get("step_curvature", math.nan)
+    return bool(not row["diverged"] and not row["left_basin"] and not row["not_at_minimum"]
+                and row["rhat"] < RHAT_MAX and not abs(row["drift"]) > DRIFT_MAX
+                and not step_curvature >= STABLE_STEP)
 
 
 def not_at_minimum(llc_mean: float, llc_sem: float) -> bool:

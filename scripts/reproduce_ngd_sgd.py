@@ -17,7 +17,8 @@ Hessian trace than SGD. Stages, each timed and printed:
 6. the report, and the verdicts: NGD above / below / no different from SGD, for the LLC and for Tr(H), at
    matched epoch and at matched training loss (each NGD checkpoint against the SGD checkpoint nearest in
    training loss: NGD trains faster, and both measures move as the loss falls). Only checkpoints whose
-   chains are healthy (R-hat < 1.1, |drift| <= 3, none diverged or left the basin) count.
+   estimates are healthy count (the llc rows' `healthy`: R-hat < 1.1, |drift| <= 3, none diverged or left the
+   basin, at a minimum, and the step stable in the stiffest direction, eps x nbeta x lambda_max < 2).
 
 It writes OUT/verdict.txt and, with --doc, a markdown page (settings, timings, verdicts, tables) with a PNG
 figure next to it. Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (or --data-root).
@@ -59,11 +60,6 @@ def bin_path(name: str) -> str:
     return _stages.bin_path(name, PROG)
 
 
-def healthy(llc: pd.DataFrame) -> pd.Series:
-    """Chains that diverged, left the basin, disagree (R-hat) or were still settling (drift) give no estimate."""
-    return ~llc.left_basin & ~llc.diverged & (llc.rhat < 1.1) & ~(llc.drift.abs() > 3)
-
-
 def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, str, str]:
     import analyze
     from analyze.estimators.llc import DEFAULTS
@@ -88,7 +84,7 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
     hess = tables["hessian"]
     hess = hess[hess.trace_method == "exact"]
     out = {}
-    for measure, frame, value, se, ok in (("LLC", llc.assign(ok=healthy(llc)), "llc_mean", "llc_sem", "ok"),
+    for measure, frame, value, se, ok in (("LLC", llc, "llc_mean", "llc_sem", "healthy"),
                                           ("Tr(H)", hess, "trace", "trace_stderr", None)):
         if not len(frame):
             continue
@@ -128,7 +124,7 @@ def figure(tables: dict, family: str, cut: int, settings: dict, path: Path) -> N
         for name, color in colors.items():
             rows = frame[frame.run == f"{family}-{name}"].sort_values("epoch")
             if value == "llc_mean":  # hollow: chains not healthy
-                bad = ~healthy(rows)
+                bad = ~rows.healthy
                 ax.scatter(rows.epoch[bad], rows[value][bad], s=40, facecolors="white", edgecolors=color, zorder=3)
             ax.errorbar(rows.epoch, rows[value], yerr=rows[se], color=color, marker="o", ms=3, lw=1.2, capsize=2,
                         label=labels[name])
@@ -286,18 +282,13 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
     png = path.with_suffix(".png")
     figure(tables, family, cut, settings, png)
     llc = tables["llc"]
-    ok = healthy(llc)
     per_setting = []
-    hess = tables["hessian"].drop_duplicates(["run", "epoch"], keep="last").set_index(["run", "epoch"])
     for name, f in settings.items():
         rows = llc[(llc.lr_option == f["lr_option"]) & (llc.localization_option == f["localization_option"])]
-        healthy_rows = ok[rows.index]
-        # eps x nbeta x lambda_max: >= 2 inflates the stiffest direction's variance 2x or more, >= 4 is unstable
-        curvature = rows.lr_nbeta.to_numpy() * hess.lambda_max.reindex(list(zip(rows.run, rows.epoch))).to_numpy()
-        per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(healthy_rows.sum())} healthy; "
+        per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(rows.healthy.sum())} healthy; "
                            f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f}, "
-                           f"step_curvature (eps x nbeta x lambda_max, stable below 2) {pd.Series(curvature).min():.2g}"
-                           f" to {pd.Series(curvature).max():.2g}, "
+                           f"step_curvature (eps x nbeta x lambda_max, stable below 2) {rows.step_curvature.min():.2g}"
+                           f" to {rows.step_curvature.max():.2g}, "
                            f"median seconds per checkpoint {rows.seconds.median():.0f}")
     text = [
         "# NGD vs SGD: the learning-coefficient study at full scale",

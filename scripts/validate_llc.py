@@ -11,9 +11,10 @@ relative error against the truth and the seconds taken. `gap` = nbeta (L_n(w_0) 
 parameter w_0 is not the minimum of the empirical loss, so the estimate there is expected to sit below the
 trained student's by about this much (about lambda / log n for a regular model).
 
-Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick] [--doc docs/llc-validation.md]
+Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick | --scale] [--doc docs/llc-validation.md]
        [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
---quick runs a small subset (the tests use it); the full suite with --calibrate takes about 20 minutes here.
+--quick runs a small subset (the tests use it); the full suite with --calibrate takes about 20 minutes here. --scale
+runs the cases at the NGD-vs-SGD study's size instead (their calibration over SCALE_GRID, marked "scale grid").
 docs/llc-validation.jsonl keeps the rows behind docs/llc-validation.md (--json); --from-json rebuilds the page.
 """
 
@@ -31,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from analyze.calibrate import calibrate, context_for  # noqa: E402
+from analyze.calibrate import calibrate, context_for, plateau_text  # noqa: E402
 from analyze.estimators.llc import LLCEstimator  # noqa: E402
 from trainer.checkpoints import checkpoint_name  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -48,6 +49,7 @@ class Case:
     rank: int | None  # teacher rank (None: full)
     samples: int  # all splits; training n = 0.9 x samples
     bias: bool = False
+    scale: bool = False  # run with --scale only
 
     def config(self, out: Path) -> TrainConfig:
         return TrainConfig(
@@ -71,7 +73,14 @@ CASES = [
     Case("dln-10x4x2-r2", 10, 10, 4, 2, 2, 11_100),  # 10-4-4-10, rank 2
     Case("dln-8x3-r3", 8, 8, 8, 3, 3, 1_100),  # 8-8-8-8-8, rank 3
     Case("dln-20x10-r5", 20, 20, 10, 1, 5, 66_600),  # 20-10-20, rank 5
+    # --scale: the NGD-vs-SGD study's size (n = 60,000, Fashion-MNIST's 784 inputs and 10 outputs)
+    Case("linreg-784to10", 784, 10, 1, 0, None, 66_600, bias=True, scale=True),  # d = 7,850
+    Case("dln-784x256x2-r5", 784, 10, 256, 2, 5, 66_600, scale=True),  # 784-256-256-10, d = 268,800: the study's widths
 ]
+# At the study's size a calibration over the default grid takes about an hour per point here: the scale cases
+# calibrate over the two smaller default steps and the localizations that bracket the answer there (chains leave
+# the basin at 100 on the deep linear net; 10000 pulls the estimate far below the truth).
+SCALE_GRID = {"lr": ["0.03/nbeta", "0.01/nbeta"], "localization": ["100", "1000", "10000"]}
 QUICK = ["linreg-4to2", "dln-8x3-r3"]
 
 
@@ -91,28 +100,32 @@ def estimate(ctx, options: dict) -> dict:
     return row
 
 
-def calibrated(ctx, options: dict) -> dict:
-    """analyze calibrate's recommendation for this checkpoint, then the estimator at that setting."""
+def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
+    """analyze calibrate's recommendation for this checkpoint (over `grid`, default: calibrate's), then the
+    estimator at that setting."""
     start = time.perf_counter()
-    table = calibrate(ctx, progress=False, **calibration_args(options))
+    table = calibrate(ctx, progress=False, **calibration_args(options, grid))
     rec = table[table.recommended]
+    plateau = plateau_text(table)
     if not len(rec):
         return {"llc_mean": float("nan"), "llc_sem": float("nan"), "wall_seconds": time.perf_counter() - start,
-                "setting": "none qualified"}
+                "setting": "none qualified", "plateau": plateau}
     r = rec.iloc[0]
     row = estimate(ctx, {**options, "lr": r.lr_option, "localization": r.localization_option})
     row["wall_seconds"] = time.perf_counter() - start
-    row["setting"] = f"lr {r.lr_option}, loc {r.localization_option}"
+    row["setting"] = f"lr {r.lr_option}, loc {r.localization_option}" + (" (scale grid)" if grid else "")
+    row["plateau"] = plateau
     return row
 
 
-def calibration_args(options: dict) -> dict:
-    """The arguments `analyze calibrate CKPT` uses by default (its grid and chain lengths)."""
+def calibration_args(options: dict, grid: dict | None = None) -> dict:
+    """The arguments `analyze calibrate CKPT` uses by default (its grid, unless given, and chain lengths)."""
     from analyze.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID
 
+    grid = grid or DEFAULT_GRID
     common = {"draws": CALIBRATION_LENGTH, "burnin": CALIBRATION_LENGTH,
               **{k: v for k, v in options.items() if k not in ("lr", "localization", "nbeta", "draws", "burnin")}}
-    return {"lrs": DEFAULT_GRID["lr"], "localizations": DEFAULT_GRID["localization"], "nbetas": ["n/log n"],
+    return {"lrs": grid["lr"], "localizations": grid["localization"], "nbetas": ["n/log n"],
             "common": common}
 
 
@@ -121,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="llc-truth", help="folder for the trained cases (reused when present)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    ap.add_argument("--cases", help="comma-separated case names (default: all)")
+    ap.add_argument("--cases", help="comma-separated case names (default: all but the --scale ones)")
+    ap.add_argument("--scale", action="store_true", help="the cases at the NGD-vs-SGD study's size (n = 60,000, up to "
+                    "268,800 parameters; about 1.5 hours here)")
     ap.add_argument("--calibrate", action="store_true", help="also estimate at analyze calibrate's recommendation")
     ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/llc-validation.md)")
     ap.add_argument("--json", help="write the rows as JSON lines to this file")
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = table.seconds.sum() + table.get("cal_seconds", pd.Series(dtype=float)).sum()
             write_doc(Path(args.doc), table, options, seconds, sampling_only=True)
         return 0
-    names = QUICK if args.quick else (args.cases.split(",") if args.cases else [c.name for c in CASES])
+    names = (QUICK if args.quick else args.cases.split(",") if args.cases
+             else [c.name for c in CASES if c.scale == args.scale])
     out = Path(args.out)
     start = time.perf_counter()
     rows = []
@@ -160,16 +176,18 @@ def main(argv: list[str] | None = None) -> int:
                    "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
                    "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
             if args.calibrate:
-                c = calibrated(ctx, options)
+                c = calibrated(ctx, options, SCALE_GRID if case.scale else None)
                 row.update(cal_llc=c["llc_mean"], cal_sem=c["llc_sem"], cal_error=c["llc_mean"] / d["llc_truth"] - 1,
                            cal_seconds=c["wall_seconds"], cal_setting=c.get("setting"))
+                if case.scale:  # the plateau behind the recommendation, shown on the page (the table is too wide)
+                    row["cal_plateau"] = c["plateau"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
     table = pd.DataFrame(rows)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(table.drop(columns="cal_plateau", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print("\n".join(summary(table)))
     if args.doc:
         write_doc(Path(args.doc), table, options, time.perf_counter() - start)
@@ -205,7 +223,17 @@ def write_doc(path: Path, table: pd.DataFrame, options: dict, seconds: float, sa
         "# LLC validation: estimates against known learning coefficients\n\n"
         "Written by `scripts/validate_llc.py` (do not edit by hand). " + __doc__.split("\n\n")[1].replace("\n", " ")
         + "\n\nSettings: " + settings + f". {timing}.\n\n"
-        + "\n".join(summary(table)) + "\n\n" + markdown(table) + "\n")
+        + "\n".join(summary(table)) + "\n\n" + markdown(table.drop(columns="cal_plateau", errors="ignore")) + "\n"
+        + plateaus(table))
+
+
+def plateaus(table: pd.DataFrame) -> str:
+    """The calibration plateau behind each scale case's recommendation (LLC +- s.e. by localization and step)."""
+    if "cal_plateau" not in table:
+        return ""
+    blocks = [f"\n{r.case}, {r.point} point (truth {r.truth:.4g}); ✗ not healthy, ◀ recommended:\n\n```\n"
+              f"{r.cal_plateau}\n```\n" for r in table.itertuples() if isinstance(r.cal_plateau, str)]
+    return ("\n## Calibration at the study's size\n" + "".join(blocks)) if blocks else ""
 
 
 def markdown(table: pd.DataFrame) -> str:

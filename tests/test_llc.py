@@ -276,11 +276,54 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
 
 
 def test_a_step_unstable_in_the_stiffest_direction_is_not_healthy():
-    from analyze.calibrate import STABLE_STEP, healthy
+    from analyze.llc_stats import healthy
+    from analyze.stability import STABLE_STEP
 
     row = {"diverged": False, "left_basin": False, "not_at_minimum": False, "rhat": 1.0, "drift": 0.0}
     assert healthy({**row, "step_curvature": 0.5 * STABLE_STEP})
     assert not healthy({**row, "step_curvature": STABLE_STEP})
+
+
+def test_llc_rows_record_the_steps_stability_and_their_health():
+    """Every llc row measures lambda_max at its checkpoint (against the exact Hessian of linear regression) and
+    is healthy only when eps x nbeta x lambda_max < 2: a step that is still stable (< 4) but inflates the
+    stiffest direction's variance is flagged, though nothing in its chains looks wrong."""
+    from analyze.estimators.hessian import training_subset
+    from analyze.stability import STABLE_STEP
+
+    ctx = linear_regression_context(10)
+    x, _ = training_subset(ctx, 1280, 0)
+    design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    exact = torch.linalg.eigvalsh(design.T @ design / (len(x) * 0.5 ** 2))[-1].item()
+    common = dict(chains=4, draws=400, burnin=200, batch_size="0", localization="1")
+    small = LLCEstimator(lr=f"{0.25 / exact:.4g}/nbeta", **common).run(ctx)["llc"].iloc[0]
+    large = LLCEstimator(lr=f"{3 / exact:.4g}/nbeta", **common).run(ctx)["llc"].iloc[0]
+    assert small.lambda_max == pytest.approx(exact, rel=1e-4)
+    assert small.step_curvature == pytest.approx(0.25, rel=1e-3) and small.healthy
+    assert large.step_curvature == pytest.approx(3, rel=1e-3) and large.step_curvature >= STABLE_STEP
+    assert not large.diverged and not large.left_basin and not large.healthy
+    assert large.llc_mean > small.llc_mean + 2 * math.hypot(small.llc_sem, large.llc_sem)  # the bias it flags
+    skipped = LLCEstimator(lr="0.03/nbeta", stability=False, **common).run(ctx)["llc"].iloc[0]
+    assert math.isnan(skipped.lambda_max) and skipped.healthy  # not measured: only the chains decide
+
+
+def test_calibration_runs_only_stable_steps_and_adds_smaller_ones_on_a_stiff_model():
+    """With every given step unstable (eps x nbeta x lambda_max >= 2), calibrate runs none of them and adds as many
+    stable steps a factor 3 apart below them; their recommendation lands on the truth (lambda = 5)."""
+    from analyze.calibrate import stable_steps
+    from analyze.stability import STABLE_STEP
+
+    assert stable_steps(["0.1/nbeta", "1/nbeta"], 100.0, 10.0) == ["0.1/nbeta", "0.033/nbeta"]
+    assert stable_steps(["0.3/nbeta", "1/nbeta"], 100.0, 10.0) == ["0.1/nbeta", "0.033/nbeta"]
+    assert stable_steps(["0.01/nbeta", "0.1/nbeta"], 100.0, 1.0) == ["0.1/nbeta", "0.01/nbeta"]
+    ctx = linear_regression_context(10)  # lambda_max about 4.5
+    table = calibrate(ctx, lrs=["1/nbeta", "0.7/nbeta", "0.5/nbeta"], localizations=["1"], nbetas=["n/log n"],
+                      common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False)
+    assert list(table.lr_option) == ["0.17/nbeta", "0.056/nbeta", "0.019/nbeta"]
+    assert (table.step_curvature < STABLE_STEP).all() and (table.step_curvature > 0.5).any()
+    assert table.n_draws.iloc[1] == pytest.approx(3 * table.n_draws.iloc[0], rel=0.02)  # equal sampling time
+    rec = table[table.recommended].iloc[0]
+    assert abs(rec.llc_mean - 5) < 0.15 * 5
 
 
 def test_agreement_uses_the_standard_errors():

@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
-from analyze.llc_stats import summarize
+from analyze.llc_stats import healthy, summarize
 from analyze.sgld import SAMPLERS, SGLDSettings, sample_losses
+from analyze.stability import top_hessian_eigenvalue
 from trainer.truth import true_learning_coefficient
 
 # Defaults that carry over from n = 10^3 to 6 x 10^4 (docs/llc.md; scripts/validate_llc.py measures them):
@@ -109,7 +110,9 @@ def chance_loss(splits, y: torch.Tensor) -> float:
 
 class LLCEstimator(Estimator):
     name = "llc"
-    version = 3  # 2: between-chain standard errors, drift, relative step and localization; 3: control variates
+    # 2: between-chain standard errors, drift, relative step and localization; 3: control variates;
+    # 4: the step's stability at the checkpoint (lambda_max, step_curvature) and the `healthy` verdict
+    version = 4
     tables = ("llc", "llc_chains")
     options = (
         Option("chains", int, DEFAULTS["chains"], "number of SGLD chains"),
@@ -133,6 +136,9 @@ class LLCEstimator(Estimator):
         Option("backend", str, "fast", "fast (this project's vmapped sampler) or devinterp (the reference)",
                choices=("fast", "devinterp")),
         Option("thin", int, 1, "keep every k-th step in llc_chains"),
+        Option("stability", bool, True, "measure lambda_max, the Hessian's top eigenvalue at the checkpoint (Lanczos "
+               "on 1,280 samples), and record step_curvature = eps x nbeta x lambda_max; `healthy` requires it < 2 "
+               "(the step is stable in the stiffest direction, analyze/stability.py)"),
     )
 
     def validate(self) -> None:
@@ -177,6 +183,9 @@ class LLCEstimator(Estimator):
         traces = self.sample(ctx, settings)
         kept = traces[:, settings.burnin:]
         row = summarize(kept, init, settings.nbeta, n, chance_loss(ctx.splits, y))
+        row["lambda_max"] = top_hessian_eigenvalue(ctx) if self.opts["stability"] else math.nan
+        row["step_curvature"] = settings.lr * settings.nbeta * row["lambda_max"]
+        row["healthy"] = healthy(row)
         meta = ctx.checkpoint.meta
         truth = true_learning_coefficient(meta["model_spec"], meta["dataset_spec"]) if "model_spec" in meta else None
         row.update(wbic_exact=bool(math.isclose(settings.nbeta, n / math.log(n)) and settings.localization == 0),

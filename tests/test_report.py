@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyze.report import (ReportBuilder, find_chromium, load_tables, render, report_figures, screenshot,
-                            write_report)
+from analyze import load as load_tables
+from analyze.report import find_chromium, render, report_figures, screenshot, write_report
 from analyze.xcorr import write_xcorr
 
 FAMILY, TRUNK, SGD, NGD = "mlp-2x16", "mlp-2x16-trunk", "mlp-2x16-swap-sgd", "mlp-2x16-swap-ngd"
@@ -215,12 +215,11 @@ def test_report_has_every_section(report, analysis):
     from plotly.offline import get_plotlyjs
 
     assert text.count(get_plotlyjs()[:300]) == 1
-    builder = ReportBuilder(load_tables(analysis))
-    builder.build()
-    assert text.count('class="plotly-graph-div"') == len(builder.figures)
+    figures = report_figures(load_tables(analysis))
+    assert text.count('class="plotly-graph-div"') == len(figures)
     # calibration table with the recommended row highlighted, diagnostics, settings
     assert "LLC calibration" in text and 'class="hl"' in text
-    plateau = builder.figures[f"fig-{FAMILY}-calibration"]  # LLC against the step, one line per localization
+    plateau = figures[f"fig-{FAMILY}-calibration"]  # LLC against the step, one line per localization
     assert len(plateau.data) == 2 and list(plateau.data[0].x) == [0.01, 0.03, 0.1]
     assert list(plateau.data[1].marker.symbol) == ["circle", "circle", "circle-open"]  # the diverged step hollow
     assert "sampler diverged" in text and "R-hat 1.400" in text
@@ -341,12 +340,30 @@ def test_report_renders_in_chromium_without_errors(report, tmp_path):
     assert [f["id"] for f in result.figures if f["overflow"]] == []  # every plot fits its card
     # a real picture: large enough and not blank
     assert png.stat().st_size > 50_000
+    pixels = _grey_pixels(png)
+    assert pixels.shape[1] == 1400 and pixels.shape[0] > 3000  # the whole page
+    assert not _looks_blank(pixels)
+
+
+def _grey_pixels(png: Path) -> np.ndarray:
     from PIL import Image
 
-    pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
-    assert pixels.shape[1] == 1400 and pixels.shape[0] > 3000  # the whole page
-    assert pixels.std() > 15
-    assert (pixels < 200).mean() > 0.01  # lines, text and markers, not a white page
+    return np.asarray(Image.open(png).convert("L"), dtype=float)
+
+
+def _looks_blank(pixels: np.ndarray) -> bool:
+    """Too little contrast or ink for lines, text and markers: a white (or uniform) page."""
+    return bool(pixels.std() <= 15 or (pixels < 200).mean() <= 0.01)
+
+
+def test_a_blank_page_is_detected(tmp_path):
+    """The pixel check the report's test relies on says "blank" for a page that draws nothing."""
+    _chromium_or_skip()
+    page = tmp_path / "blank.html"
+    page.write_text("<!DOCTYPE html><html><body style='background:#fafafa'></body></html>")
+    result = render(page, tmp_path / "blank.png", width=800, height=600, timeout=20)
+    assert result.errors == [] and result.figures == []
+    assert _looks_blank(_grey_pixels(tmp_path / "blank.png"))
 
 
 def test_console_errors_and_empty_figures_are_detected(tmp_path):
@@ -385,7 +402,7 @@ def test_the_browser_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
 
 def test_screenshot_command(report, tmp_path):
     _chromium_or_skip()
-    from analyze.report import main
+    from analyze.report.cli import main
 
     png = tmp_path / "shot.png"
     assert main(["--screenshot", str(report), str(png), "--width", "1000", "--height", "700"]) == 0

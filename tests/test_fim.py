@@ -10,7 +10,8 @@ import torch
 
 from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
 from analyze.estimators.fim import FIMEstimator, softmax_fisher_root
-from analyze.estimators.hessian import HessianEstimator, training_subset
+from analyze.curvature.samples import training_subset
+from analyze.estimators.hessian import HessianEstimator
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss

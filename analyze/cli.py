@@ -248,15 +248,12 @@ def unrecognized(extra: list[str], selected: set[str]) -> str:
 
 
 def check_device(device: str, local: bool) -> None:
-    import torch
+    from common.checks import check_device as check
 
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    # With --scheduler the workers may have a GPU the client lacks, so only a local run checks.
-    if local and dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        check(device, local=local)  # with --scheduler, the workers may have a GPU the client lacks
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +293,7 @@ def check_out(out: Path, ckpt_dir: Path, runs) -> None:
 def run(s: Settings) -> int:
     from analyze.catalog import build_catalog
     from analyze.store import Store
-    from trainer.atomic import folder_lock
+    from common.atomic import folder_lock
 
     catalog = build_catalog(s.ckpt_dir, runs=s.runs, epochs=s.epochs)
     _print_warnings(catalog.warnings)

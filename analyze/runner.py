@@ -24,7 +24,8 @@ from typing import Any, Iterable
 
 from analyze.catalog import Catalog
 from analyze.store import Store, config_hash, task_key
-from analyze.worker import Task, record_error, run_task
+from analyze.task import Task, record_error
+from analyze.worker import run_task
 
 
 @dataclass

@@ -191,7 +191,7 @@ def compute_xcorr(tables: dict[str, pd.DataFrame], max_lag: int = DEFAULT_MAX_LA
 def write_xcorr(out_dir: str | Path, tables: dict[str, pd.DataFrame] | None = None, **options) -> Path:
     """Compute the xcorr table of an analysis folder and write OUT/xcorr/xcorr.parquet atomically
     (replacing the previous one). `options` go to compute_xcorr. Returns the file's path."""
-    from trainer.atomic import atomic_write_parquet
+    from common.atomic import atomic_write_parquet
 
     out_dir = Path(out_dir)
     if tables is None:

@@ -61,7 +61,9 @@ def _setup(m: int):
 def _ours(model, x) -> list[float]:
     import torch
 
-    from analyze.estimators.base import CheckpointInfo, Context
+    from analyze.catalog import CheckpointInfo
+
+    from analyze.estimators.base import Context
     from analyze.estimators.hsic import HSICEstimator
     from trainer.data import Split, Splits
 

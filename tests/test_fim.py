@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.catalog import CheckpointInfo
+
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.fim import FIMEstimator, softmax_fisher_root
 from analyze.curvature.samples import training_subset
 from analyze.estimators.hessian import HessianEstimator

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from analyze.catalog import CheckpointInfo
 from analyze.curvature.ggn import diag_ggn_batch_traces, ggn_diagonal_applies, subsample_stderr
 from analyze.curvature.operators import CurvlinopsOperator, PyHessianOperator
 from analyze.curvature.samples import batches_of, training_subset
 from analyze.curvature.spectrum import lanczos, slq_rank, top_eigenvalues
 from analyze.curvature.taylor import TaylorQuadratic
 from analyze.curvature.trace import hutchinson, rademacher
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.hessian import HessianEstimator
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from analyze import hsic as hm
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.catalog import CheckpointInfo
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.hsic import HSICEstimator
 from trainer.checkpoints import list_checkpoints, load_model
 from trainer.data import Split, Splits, load_dataset

@@ -8,7 +8,6 @@ a full disk leaves no partial file. Real processes, real files, real dask.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -31,8 +30,8 @@ import analyze
 from analyze.catalog import build_catalog
 from analyze.cli import main as analyze_main
 from analyze.store import Store, UnsafeName
-from test_analyze_dask import DASK, ENV, free_port, stop
-from trainer.atomic import TMP_PREFIX, folder_lock
+from common.atomic import TMP_PREFIX, folder_lock
+from helpers import ENV, stop
 from trainer.checkpoints import (CheckpointError, check_name, list_checkpoints, load_model, read_checkpoint,
                                  read_resume_state, save_checkpoint)
 from trainer.cli import main as train_main
@@ -416,7 +415,7 @@ def test_leftover_temp_files_are_told_apart_from_live_writes(tmp_path):
     host's stays until it is an hour old; complete files are never touched."""
     import socket
 
-    from trainer.atomic import remove_temp_files
+    from common.atomic import remove_temp_files
 
     host = socket.gethostname()
     dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
@@ -486,37 +485,10 @@ def test_analyze_killed_at_several_points_finishes_with_one_row_set_per_task(tin
 
 
 # ====================================================================== faults in the cluster
-@pytest.fixture
-def two_workers(tmp_path):
-    """A `dask scheduler` and two separate single-threaded `dask worker --no-nanny` processes on loopback."""
-    from distributed import Client
-
-    started = tmp_path / "started"
-    started.mkdir()
-    env = {**ENV, "ANALYZE_TEST_STARTED": str(started)}
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
-    try:
-        procs.append(subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=open(tmp_path / "scheduler.log", "w")))
-        for name in ("a", "b"):
-            procs.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                                           "--name", name], env=env, start_new_session=True,
-                                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"worker-{name}.log", "w")))
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=90)
-            pids = client.run(os.getpid)  # address -> pid
-        yield address, pids, procs[1:], started
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
-def test_a_killed_worker_s_tasks_are_retried_and_the_result_equals_a_fault_free_run(two_workers, tiny_ckpts_master,
+def test_a_killed_worker_s_tasks_are_retried_and_the_result_equals_a_fault_free_run(dask_cluster, tiny_ckpts_master,
                                                                                     tmp_path):
-    address, pids, workers, started = two_workers
+    address, pids, workers, started = (dask_cluster.address, dask_cluster.pids, dask_cluster.workers,
+                                       dask_cluster.started)
     args = ["--scheduler", address, "--estimators", "weights,analyze_plugins:SlowNorms", "--slownorms-seconds", "0.6"]
 
     clean = Path(shutil.copytree(tiny_ckpts_master, tmp_path / "clean"))
@@ -677,7 +649,7 @@ FSIZE_SCRIPT = textwrap.dedent("""
     import json, os, resource, signal, sys
     from pathlib import Path
     import numpy as np, pandas as pd, torch
-    from trainer.atomic import atomic_write_parquet
+    from common.atomic import atomic_write_parquet
     from trainer.checkpoints import save_checkpoint
     from trainer.cli import main as train_main
 

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
+from common import checks
+from common.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
                             remove_temp_files)
 from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
                                  save_resume_state)
@@ -91,9 +92,10 @@ def fingerprint(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict) -> dict[str
 
 
 def check_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("invalid value for 'device': cuda was asked for but CUDA is not available here")
-    return torch.device(device)
+    try:
+        return checks.check_device(device)
+    except ValueError as e:
+        raise ConfigError(f"invalid value for 'device': {e}") from None
 
 
 def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:

@@ -122,7 +122,7 @@ def render(html_path: str | Path, png_path: str | Path | None = None, width: int
                 if png_path is not None:
                     shot = Path(png_path)
                     shot.parent.mkdir(parents=True, exist_ok=True)
-                    from trainer.atomic import atomic_write_bytes
+                    from common.atomic import atomic_write_bytes
 
                     atomic_write_bytes(shot, page.screenshot(full_page=full_page, type="png"))
             finally:

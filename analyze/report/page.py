@@ -143,7 +143,7 @@ def write_report(out_dir: str | Path, path: str | Path | None = None, ckpt_dir: 
     by default each run's folder recorded in the runs table (runs.path) is used when it exists.
     """
     from analyze.tables import load
-    from trainer.atomic import atomic_write_bytes
+    from common.atomic import atomic_write_bytes
 
     out_dir = Path(out_dir)
     if tables is None:

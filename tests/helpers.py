@@ -17,6 +17,7 @@ TESTS = Path(__file__).resolve().parent
 # subprocesses (analyze, dask workers) import the test estimators in tests/analyze_plugins.py
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 DASK = Path(sys.executable).parent / "dask"
+PY = sys.executable
 
 
 def free_port() -> int:
@@ -74,3 +75,37 @@ def running_dask_cluster(folder: Path) -> Iterator[DaskCluster]:
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def temp_files(folder: Path) -> list[Path]:
+    from common.atomic import TMP_PREFIX
+
+    return [p for p in Path(folder).rglob(f"{TMP_PREFIX}*")]
+
+
+def rewrite_checkpoint(path: Path, tensors=None, **meta_overrides) -> Path:
+    """Write a checkpoint with the same metadata as `path` but other tensors or metadata values."""
+    from trainer.checkpoints import read_checkpoint, save_checkpoint
+
+    src = read_checkpoint(path)
+    m = {**src.meta, **meta_overrides}
+    return save_checkpoint(path, src.tensors if tensors is None else tensors, run=m["run"], epoch=m["epoch"],
+                           step=m["step"], optimizer=m["optimizer"], model_spec=m["model_spec"],
+                           dataset_spec=m["dataset_spec"], kind=m.get("kind", "epoch"))
+
+
+def analyze_proc(*args, env=None, **kw) -> subprocess.Popen:
+    """`python -m analyze.cli ARGS` in its own session (stop() ends it and its workers), output piped."""
+    return subprocess.Popen([PY, "-m", "analyze.cli", *map(str, args)], env=env or ENV, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def markers(out: Path) -> set[str]:
+    """The keys of the tasks complete in an analysis folder."""
+    folder = out / "_tasks"
+    return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+
+
+def parts(out: Path, table: str) -> list[Path]:
+    """A table's part files in an analysis folder."""
+    return sorted((out / table).glob("part-*.parquet")) if (out / table).is_dir() else []

@@ -328,7 +328,8 @@ def _print_warnings(warnings: list[str]) -> None:
 
 def _run_locked(s: Settings, catalog, store) -> int:
     from analyze.catalog import runs_frame, training_log
-    from analyze.runner import execute, plan_tasks, summarize
+    from analyze.runner import execute, plan_tasks
+    from analyze.summary import print_summary, summarize
 
     log_warnings: list[str] = []
     training = training_log(catalog.runs, log_warnings)
@@ -379,36 +380,6 @@ def post_process(s: Settings, store) -> bool:
         print(f"{PROG}: error: report/xcorr failed ({type(e).__name__}: {e}); the tables are complete; "
               f"rerun with --no-report to skip it", file=sys.stderr)
         return False
-
-
-def last_estimates(store) -> dict[str, str]:
-    """run -> 'LLC x +- s @ epoch e, Hessian trace t' from the last epoch-end checkpoint that has them."""
-    from analyze.tables import read_table
-
-    completed = store.completed()
-    found: dict[str, list[str]] = {}
-    for table, value, error, label in (("llc", "llc_mean", "llc_sem", "LLC"), ("hessian", "trace", None, "tr H")):
-        frame = read_table(store.root / table, completed) if (store.root / table).is_dir() else None
-        if frame is None or value not in frame:
-            continue
-        last = frame.sort_values(["epoch", "step"]).groupby("run").tail(1)
-        for row in last.itertuples():
-            text = f"{label} {getattr(row, value):.3g}" + (f"±{getattr(row, error):.2g}" if error else "")
-            found.setdefault(row.run, []).append(f"{text} (epoch {row.epoch})")
-    return {run: ", ".join(parts) for run, parts in found.items()}
-
-
-def print_summary(rows: list[dict], store) -> None:
-    width = max([len("run")] + [len(r["run"]) for r in rows])
-    estimates = last_estimates(store)
-    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed  last estimates")
-    for r in rows:
-        done = f"{r['analysed']}/{r['checkpoints']}"
-        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}  "
-              f"{estimates.get(r['run'], '')}")
-    tables = [t for t in store.tables()]
-    print(f"tables in {store.root.resolve()}: {', '.join(tables)}")
-    print(f'pandas: analyze.load("{store.root.resolve()}")')
 
 
 if __name__ == "__main__":

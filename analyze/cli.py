@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analyze.estimators import DEFAULT, ENTRY_POINT_GROUP, parse_list, registered, resolve
+from common.checks import check_device, is_int
 
 PROG = "analyze"
 DESCRIPTION = """\
@@ -224,9 +225,12 @@ def parse_args(argv: list[str]) -> Settings | str:
     if not ckpt_dir.is_dir():
         what = "is a file, not a folder of runs" if ckpt_dir.exists() else "no such directory"
         raise UsageError(f"CKPT_DIR {ckpt_dir}: {what}")
-    if not isinstance(args.workers, int) or isinstance(args.workers, bool) or args.workers < 0:
+    if not is_int(args.workers) or args.workers < 0:
         raise UsageError(f"--workers: {args.workers!r} is not a number of workers (0 or more)")
-    check_device(str(args.device), local=not args.scheduler)
+    try:
+        check_device(str(args.device), local=not args.scheduler)  # with --scheduler, workers may have a GPU
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     try:
         epochs = EpochSpec.parse(None if args.epochs is None else str(args.epochs))
     except EpochSpecError as e:
@@ -245,15 +249,6 @@ def unrecognized(extra: list[str], selected: set[str]) -> str:
         if flag_.startswith(f"--{name}-") and name not in selected:
             return f"{flag_}: estimator {name!r} is not selected (--estimators {','.join(sorted(selected))})"
     return f"unrecognized argument {flag_}" if flag_.startswith("-") else f"unexpected argument {flag_!r}"
-
-
-def check_device(device: str, local: bool) -> None:
-    from common.checks import check_device as check
-
-    try:
-        check(device, local=local)  # with --scheduler, the workers may have a GPU the client lacks
-    except ValueError as e:
-        raise UsageError(f"--device {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,11 +143,13 @@ def own_series(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     for table, columns in SCALAR_SOURCES.items():
         frame = tables.get(table)
         if frame is not None and len(frame):
-            frame = epoch_end_rows(most_common_config(frame, table, SERIES_USE), ends).drop_duplicates(["run", "epoch"], keep="last")
+            frame = epoch_end_rows(most_common_config(frame, table, SERIES_USE), ends)
+            frame = frame.drop_duplicates(["run", "epoch"], keep="last")
             parts += _long(frame, columns)
     hessian = tables.get("hessian")
     if hessian is not None and len(hessian) and ("trace" in hessian or "trace_exact" in hessian):
-        h = epoch_end_rows(most_common_config(hessian, "hessian", SERIES_USE), ends).drop_duplicates(["run", "epoch"], keep="last")
+        h = epoch_end_rows(most_common_config(hessian, "hessian", SERIES_USE), ends)
+        h = h.drop_duplicates(["run", "epoch"], keep="last")
         trace = pd.to_numeric(h["trace"], errors="coerce") if "trace" in h else pd.Series(np.nan, index=h.index)
         if "trace_exact" in h:
             exact = pd.to_numeric(h["trace_exact"], errors="coerce")

@@ -91,17 +91,13 @@ def fingerprint(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict) -> dict[str
             "last_epoch": plan.last_epoch, "parent": plan.parent, "ckpt_every_steps": cfg.ckpt_every_steps}
 
 
-def check_device(device: str) -> torch.device:
-    try:
-        return checks.check_device(device)
-    except ValueError as e:
-        raise ConfigError(f"invalid value for 'device': {e}") from None
-
-
 def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
     """Train every run the config describes. Returns {run name: status}."""
     cfg.validate()
-    device = check_device(cfg.device)
+    try:
+        device = checks.check_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"invalid value for 'device': {e}") from None
     out = Path(cfg.out)
     dataset_spec = dataset_spec_from_config(cfg)
     splits = load_dataset(dataset_spec)

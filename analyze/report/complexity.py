@@ -30,16 +30,17 @@ def llc(data: ReportData, family: str):
     fig = secondary_axis_figure()
     at_minimum = []  # (low, high) of every estimate at a local minimum: they set the y-range
     for run in data.family_runs(family):
-        llc = data.joined_column(run, "llc", "llc_mean")
-        if not len(llc):
+        values = data.joined_column(run, "llc", "llc_mean")
+        if not len(values):
             continue
         sem = data.joined_column(run, "llc", "llc_sem")
-        sem = sem.reindex(llc.index)
+        sem = sem.reindex(values.index)
         # hollow markers where w* is not a local minimum (the LLC is undefined there)
-        undefined = [not_at_minimum(v, e) for v, e in zip(llc.to_numpy(), sem.to_numpy())]
+        undefined = [not_at_minimum(v, e) for v, e in zip(values.to_numpy(), sem.to_numpy())]
         at_minimum += [(v - np.nan_to_num(e), v + np.nan_to_num(e)) for v, e, u in
-                       zip(llc.to_numpy(), sem.to_numpy(), undefined) if not u and np.isfinite(v)]
-        fig.add_trace(go.Scatter(x=llc.index, y=llc.to_numpy(), mode="lines+markers", name=f"{data.label(run)} LLC",
+                       zip(values.to_numpy(), sem.to_numpy(), undefined) if not u and np.isfinite(v)]
+        fig.add_trace(go.Scatter(x=values.index, y=values.to_numpy(), mode="lines+markers",
+                                 name=f"{data.label(run)} LLC",
                                  line=dict(color=data.color(run), width=2.5),
                                  marker=dict(size=6, symbol=["circle-open" if u else "circle" for u in undefined]),
                                  error_y=dict(type="data", array=sem.fillna(0).to_numpy(), visible=True,

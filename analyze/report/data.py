@@ -144,7 +144,7 @@ class ReportData:
     main: dict[str, pd.DataFrame]  # every non-empty table's rows of its most common config
     series: dict[tuple[str, str], pd.Series]  # (run, series name) -> values by epoch
     end_index: dict[tuple[str, int], int]
-    family_runs_: dict[str, list[str]]
+    runs_by_family: dict[str, list[str]]
     labels: dict[str, str]
     xcorr: pd.DataFrame | None
     notes: tuple[str, ...]
@@ -161,21 +161,22 @@ class ReportData:
             frames = {name: _epoch_frame(tables.get(name), ends) for name in EPOCH_TABLES}
             xcorr, notes = tables.get(XCORR_TABLE), ()
             if xcorr is None and infos:
-                xcorr, notes = compute_xcorr(tables), ("xcorr: computed for this report (no xcorr table in the folder)",)
+                xcorr = compute_xcorr(tables)
+                notes = ("xcorr: computed for this report (no xcorr table in the folder)",)
         families = _family_order(infos)
         return cls(
             tables=tables, ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, infos=infos, parents=parents, ends=ends,
             frames=frames, main={k: most_common_config(v) for k, v in tables.items() if len(v)},
             series={key: g.set_index("epoch")["value"].sort_index() for key, g in series.groupby(["run", "series"])},
             end_index={(r, int(e)): int(s) for r, e, s in ends.itertuples(index=False)},
-            family_runs_=families, labels=_labels(infos, families), xcorr=xcorr, notes=notes)
+            runs_by_family=families, labels=_labels(infos, families), xcorr=xcorr, notes=notes)
 
     # ------------------------------------------------------------------ runs
     def families(self) -> list[str]:
-        return list(self.family_runs_)
+        return list(self.runs_by_family)
 
     def family_runs(self, family: str) -> list[str]:
-        return self.family_runs_.get(family, [])
+        return self.runs_by_family.get(family, [])
 
     def label(self, run: str) -> str:
         return self.labels.get(run, run)

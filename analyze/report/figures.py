@@ -89,8 +89,8 @@ def _missing_tables(data: ReportData, needs: tuple[str, ...]) -> bool:
 def draw(data: ReportData, family: str, kind: FigureKind, slug: str) -> Plot:
     div_id = f"fig-{slug}-{kind.name}"
     if _missing_tables(data, kind.needs):
-        return Plot(kind, div_id, missing=f"{kind.name}: not computed (no {' / '.join(kind.needs).replace('+', ' and ')}"
-                                          f" table; {kind.how})")
+        tables = " / ".join(kind.needs).replace("+", " and ")
+        return Plot(kind, div_id, missing=f"{kind.name}: not computed (no {tables} table; {kind.how})")
     figure = kind.draw(data, family)
     if figure is None:
         return Plot(kind, div_id, missing=f"{kind.name}: no data for this family's runs")

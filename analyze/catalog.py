@@ -14,11 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from analyze.estimators.base import CheckpointInfo
 from analyze.store import file_hash
+from common.checks import is_int
 from trainer.checkpoints import CheckpointError, check_name, list_checkpoints, read_header_metadata
 
 RUN_KEYS = ("run", "family", "role", "experiment_type", "optimizer", "model_spec", "dataset_spec", "parent", "status")
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint as the catalog finds it (the task and the estimator's Context carry it)."""
+    run: str
+    optimizer: str
+    epoch: int
+    step: int
+    path: Path
+    hash: str  # content hash of the checkpoint file
+    meta: dict  # parsed metadata: model_spec, dataset_spec, losses, ...
+
 
 
 class EpochSpecError(ValueError):
@@ -114,10 +127,6 @@ class RunError(ValueError):
     pass
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def read_run(run_dir: Path) -> Run:
     """Parse and validate run.json; RunError with a one-line reason naming the file.
 
@@ -157,7 +166,7 @@ def read_run(run_dir: Path) -> Run:
             raise RunError(f"{path}: {key!r} must be an object")
     parent = record["parent"]
     if parent is not None:
-        if not (isinstance(parent, dict) and isinstance(parent.get("run"), str) and _is_int(parent.get("epoch"))
+        if not (isinstance(parent, dict) and isinstance(parent.get("run"), str) and is_int(parent.get("epoch"))
                 and parent["epoch"] >= 0):
             raise RunError(f"{path}: 'parent' must be null or an object with 'run' and 'epoch'")
         try:
@@ -166,9 +175,9 @@ def read_run(run_dir: Path) -> Run:
             raise RunError(f"{path}: 'parent': {e}") from None
     epochs = record.get("epochs")
     if epochs is not None and not (isinstance(epochs, dict) and all(
-            epochs.get(k) is None or _is_int(epochs.get(k)) for k in ("first", "last"))):
+            epochs.get(k) is None or is_int(epochs.get(k)) for k in ("first", "last"))):
         raise RunError(f"{path}: 'epochs' must be an object with integer 'first' and 'last'")
-    if record.get("seed") is not None and not _is_int(record["seed"]):
+    if record.get("seed") is not None and not is_int(record["seed"]):
         raise RunError(f"{path}: 'seed' must be an integer")
     return Run(name, run_dir.resolve(), record)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analyze.estimators import DEFAULT, ENTRY_POINT_GROUP, parse_list, registered, resolve
+from common.checks import check_device, is_int
 
 PROG = "analyze"
 DESCRIPTION = """\
@@ -224,9 +225,12 @@ def parse_args(argv: list[str]) -> Settings | str:
     if not ckpt_dir.is_dir():
         what = "is a file, not a folder of runs" if ckpt_dir.exists() else "no such directory"
         raise UsageError(f"CKPT_DIR {ckpt_dir}: {what}")
-    if not isinstance(args.workers, int) or isinstance(args.workers, bool) or args.workers < 0:
+    if not is_int(args.workers) or args.workers < 0:
         raise UsageError(f"--workers: {args.workers!r} is not a number of workers (0 or more)")
-    check_device(str(args.device), local=not args.scheduler)
+    try:
+        check_device(str(args.device), local=not args.scheduler)  # with --scheduler, workers may have a GPU
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     try:
         epochs = EpochSpec.parse(None if args.epochs is None else str(args.epochs))
     except EpochSpecError as e:
@@ -245,18 +249,6 @@ def unrecognized(extra: list[str], selected: set[str]) -> str:
         if flag_.startswith(f"--{name}-") and name not in selected:
             return f"{flag_}: estimator {name!r} is not selected (--estimators {','.join(sorted(selected))})"
     return f"unrecognized argument {flag_}" if flag_.startswith("-") else f"unexpected argument {flag_!r}"
-
-
-def check_device(device: str, local: bool) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    # With --scheduler the workers may have a GPU the client lacks, so only a local run checks.
-    if local and dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +288,7 @@ def check_out(out: Path, ckpt_dir: Path, runs) -> None:
 def run(s: Settings) -> int:
     from analyze.catalog import build_catalog
     from analyze.store import Store
-    from trainer.atomic import folder_lock
+    from common.atomic import folder_lock
 
     catalog = build_catalog(s.ckpt_dir, runs=s.runs, epochs=s.epochs)
     _print_warnings(catalog.warnings)
@@ -331,7 +323,8 @@ def _print_warnings(warnings: list[str]) -> None:
 
 def _run_locked(s: Settings, catalog, store) -> int:
     from analyze.catalog import runs_frame, training_log
-    from analyze.runner import execute, plan_tasks, summarize
+    from analyze.runner import execute, plan_tasks
+    from analyze.summary import print_summary, summarize
 
     log_warnings: list[str] = []
     training = training_log(catalog.runs, log_warnings)
@@ -382,36 +375,6 @@ def post_process(s: Settings, store) -> bool:
         print(f"{PROG}: error: report/xcorr failed ({type(e).__name__}: {e}); the tables are complete; "
               f"rerun with --no-report to skip it", file=sys.stderr)
         return False
-
-
-def last_estimates(store) -> dict[str, str]:
-    """run -> 'LLC x +- s @ epoch e, Hessian trace t' from the last epoch-end checkpoint that has them."""
-    from analyze.tables import read_table
-
-    completed = store.completed()
-    found: dict[str, list[str]] = {}
-    for table, value, error, label in (("llc", "llc_mean", "llc_sem", "LLC"), ("hessian", "trace", None, "tr H")):
-        frame = read_table(store.root / table, completed) if (store.root / table).is_dir() else None
-        if frame is None or value not in frame:
-            continue
-        last = frame.sort_values(["epoch", "step"]).groupby("run").tail(1)
-        for row in last.itertuples():
-            text = f"{label} {getattr(row, value):.3g}" + (f"±{getattr(row, error):.2g}" if error else "")
-            found.setdefault(row.run, []).append(f"{text} (epoch {row.epoch})")
-    return {run: ", ".join(parts) for run, parts in found.items()}
-
-
-def print_summary(rows: list[dict], store) -> None:
-    width = max([len("run")] + [len(r["run"]) for r in rows])
-    estimates = last_estimates(store)
-    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed  last estimates")
-    for r in rows:
-        done = f"{r['analysed']}/{r['checkpoints']}"
-        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}  "
-              f"{estimates.get(r['run'], '')}")
-    tables = [t for t in store.tables()]
-    print(f"tables in {store.root.resolve()}: {', '.join(tables)}")
-    print(f'pandas: analyze.load("{store.root.resolve()}")')
 
 
 if __name__ == "__main__":

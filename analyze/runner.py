@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import warnings
 import sys
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from analyze.catalog import Catalog
 from analyze.store import Store, config_hash, task_key
-from analyze.worker import Task, record_error, run_task
+from analyze.task import Task, record_error
+from analyze.worker import run_task
 
 
 @dataclass
@@ -148,19 +148,3 @@ def _tick(bar, status: dict) -> dict:
         bar.failed = getattr(bar, "failed", 0) + 1
         bar.set_postfix(failed=bar.failed)
     return status
-
-
-def summarize(catalog: Catalog, plan: Plan, statuses: list[dict]) -> list[dict[str, Any]]:
-    """Per run: checkpoints selected, checkpoints with every task complete, computed/skipped/failed tasks."""
-    failed_keys = {s["key"] for s in statuses if not s["ok"]}
-    computed = Counter(s["run"] for s in statuses if s["ok"])
-    skipped = Counter(t.checkpoint.run for t in plan.done)
-    failed = Counter(s["run"] for s in statuses if not s["ok"])
-    incomplete_ckpts = {(t.checkpoint.run, t.checkpoint.path) for t in plan.todo if t.key in failed_keys}
-    rows = []
-    for run in catalog.selected:
-        total = len(run.checkpoints)
-        bad = sum(1 for c in run.checkpoints if (run.name, c.path) in incomplete_ckpts)
-        rows.append({"run": run.name, "checkpoints": total, "analysed": total - bad, "computed": computed[run.name],
-                     "skipped": skipped[run.name], "failed": failed[run.name]})
-    return rows

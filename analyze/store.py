@@ -23,13 +23,13 @@ from typing import Any
 
 import pandas as pd
 
-from trainer.atomic import atomic_write, atomic_write_json, atomic_write_parquet, remove_temp_files
+from common.atomic import atomic_write, atomic_write_json, atomic_write_parquet, remove_temp_files
 
 KEY_COLUMNS = ("run", "optimizer", "epoch", "step", "ckpt_hash", "config_hash")
 KEY_DTYPES = {"run": str, "optimizer": str, "epoch": "int64", "step": "int64", "ckpt_hash": str, "config_hash": str}
 ERROR_DTYPES = {"estimator": str, "error": str, "message": str, "path": str, "traceback": str}
 TASKS_DIR, ERRORS_TABLE = "_tasks", "errors"
-SAFE_TABLE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as analyze.estimators.TABLE_NAME
+TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # estimators' table names, checked on load too
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 LOCK_FILE = ".analyze.lock"
 
@@ -39,8 +39,8 @@ class UnsafeName(ValueError):
 
 
 def _check_table(table: str) -> str:
-    if not isinstance(table, str) or not SAFE_TABLE.fullmatch(table):
-        raise UnsafeName(f"table name {table!r} is not a plain name matching {SAFE_TABLE.pattern}")
+    if not isinstance(table, str) or not TABLE_NAME.fullmatch(table):
+        raise UnsafeName(f"table name {table!r} is not a plain name matching {TABLE_NAME.pattern}")
     return table
 
 
@@ -235,7 +235,7 @@ class Store:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(("_", ".")) and SAFE_TABLE.fullmatch(p.name))
+                      if p.is_dir() and not p.name.startswith(("_", ".")) and TABLE_NAME.fullmatch(p.name))
 
 
 def _write_arrow(table, path: Path) -> None:

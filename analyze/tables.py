@@ -10,6 +10,8 @@ import pandas as pd
 from analyze.store import ERRORS_TABLE, Store
 
 RUN_EPOCH = ["run", "epoch", "step"]
+XCORR_TABLE = "xcorr"  # written by the xcorr post-processor, over the other tables
+EPOCHS_USE = "the epochs frame uses"  # for most_common_config's warning
 # Per-checkpoint scalars the `epochs` frame picks up from tables that hold one row per checkpoint:
 # table -> {column: column in `epochs`}. A new estimator's scalars are one line here.
 EPOCH_SCALARS = {
@@ -57,13 +59,27 @@ def load(path: str | Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def one_config(frame: pd.DataFrame, table: str) -> pd.DataFrame:
-    """Rows of one estimator config: the most common, if a table holds several (say two batch sizes)."""
+def present(value) -> bool:
+    """Not None/NaN/NA; lists and arrays count as present."""
+    try:
+        return not pd.isna(value)
+    except (TypeError, ValueError):  # lists and arrays
+        return value is not None
+
+
+def most_common_config(frame: pd.DataFrame, table: str | None = None, use: str = "") -> pd.DataFrame:
+    """The rows of the most common estimator config, when a table holds several (say two LLC settings).
+
+    With `table`, a warning names the config that `use` (who reads the rows, e.g. "series use") takes.
+    """
+    if "config_hash" not in frame.columns:
+        return frame
     counts = frame["config_hash"].value_counts()
     if len(counts) > 1:
-        warnings.warn(f"table {table!r} holds {len(counts)} estimator configs; the epochs frame uses config_hash "
-                      f"{counts.index[0]} (the most common); filter tables[{table!r}] by config_hash for the others",
-                      stacklevel=3)
+        if table is not None:
+            warnings.warn(f"table {table!r} holds {len(counts)} estimator configs; {use} config_hash "
+                          f"{counts.index[0]} (the most common); filter tables[{table!r}] by config_hash for "
+                          "the others", stacklevel=3)
         frame = frame[frame["config_hash"] == counts.index[0]]
     return frame
 
@@ -73,7 +89,7 @@ def epoch_estimates(tables: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
     wide = []
     evaluate = tables.get("evaluate")
     if evaluate is not None and len(evaluate):
-        ev = one_config(evaluate, "evaluate").drop_duplicates(RUN_EPOCH + ["split"], keep="last")
+        ev = most_common_config(evaluate, "evaluate", EPOCHS_USE).drop_duplicates(RUN_EPOCH + ["split"], keep="last")
         ev = ev.set_index(RUN_EPOCH + ["split"])[["loss", "accuracy"]].unstack("split")
         order = {s: i for i, s in enumerate(("train", "val", "test"))}
         ev = ev[sorted(ev.columns, key=lambda c: (order.get(c[1], len(order)), c[1], c[0] != "loss"))]
@@ -83,7 +99,7 @@ def epoch_estimates(tables: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
         frame = tables.get(table)
         present = {c: new for c, new in columns.items() if frame is not None and c in frame}
         if present:
-            frame = one_config(frame, table).drop_duplicates(RUN_EPOCH, keep="last")
+            frame = most_common_config(frame, table, EPOCHS_USE).drop_duplicates(RUN_EPOCH, keep="last")
             wide.append(frame.set_index(RUN_EPOCH)[list(present)].rename(columns=present))
     if not wide:
         return None

@@ -12,29 +12,12 @@ import json
 import socket
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from analyze.estimators.base import CheckpointInfo
-
-
-@dataclass
-class Task:
-    key: str
-    estimator: str  # name (the errors table's `estimator`)
-    ref: str  # "module:Class", imported on the worker
-    options: dict[str, Any]
-    config_hash: str
-    checkpoint: CheckpointInfo
-    out: str  # the output folder (shared storage when workers run elsewhere)
-    device: str = "cpu"
-    data_root: str | None = None
-
-    def keys(self) -> dict[str, Any]:
-        c = self.checkpoint
-        return {"run": c.run, "optimizer": c.optimizer, "epoch": c.epoch, "step": c.step, "ckpt_hash": c.hash,
-                "config_hash": self.config_hash}
+from analyze.catalog import CheckpointInfo
+from analyze.task import Task, error_message, record_error
+from common.checks import is_foreign_panic
 
 
 @functools.lru_cache(maxsize=2)
@@ -139,11 +122,6 @@ def run_task(task: Task) -> dict[str, Any]:
     return {**status, "ok": True, "rows": rows, "seconds": seconds}
 
 
-def is_foreign_panic(e: BaseException) -> bool:
-    """A Rust panic surfacing through pyo3 (PanicException derives from BaseException)."""
-    return type(e).__name__ == "PanicException"
-
-
 def dask_worker_address() -> str | None:
     try:
         from distributed import get_worker
@@ -151,18 +129,3 @@ def dask_worker_address() -> str | None:
         return get_worker().address
     except (ImportError, ValueError):  # not running inside a dask worker (--workers 0)
         return None
-
-
-def error_message(e: BaseException) -> str:
-    return str(e) or repr(e)
-
-
-def record_error(store, task: Task, e: BaseException, trace: str = "", message: str | None = None) -> bool:
-    """Write the task's error row; False if even that fails (say, the disk is full)."""
-    try:
-        store.write_error(task.key, task.keys(), estimator=task.estimator, error=type(e).__name__,
-                          message=message or error_message(e), path=str(task.checkpoint.path),
-                          traceback=trace[-4000:])
-    except Exception:
-        return False
-    return True

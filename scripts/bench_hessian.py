@@ -31,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from analyze.estimators import hessian as H  # noqa: E402
+from analyze.curvature.ggn import diag_ggn_trace  # noqa: E402
+from analyze.curvature.operators import CurvlinopsOperator, PyHessianOperator  # noqa: E402
+from analyze.curvature.trace import hutchinson, hutchpp  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,19 +58,19 @@ def main(argv=None) -> int:
         def run():
             op = make_op()
             try:
-                estimate = H.hutchpp if method == "hutchpp" else H.hutchinson
+                estimate = hutchpp if method == "hutchpp" else hutchinson
                 return estimate(op, args.probes, torch.Generator().manual_seed(1))
             finally:
                 op.close()
         return run
 
     methods = {
-        "default hutchinson": stochastic(lambda: H.CurvlinopsOperator(model, loss_fn, batches, n), "hutchinson"),
-        "default hutch++": stochastic(lambda: H.CurvlinopsOperator(model, loss_fn, batches, n), "hutchpp"),
-        "curvlinops hvp": stochastic(lambda: H.CurvlinopsOperator(model, loss_fn, batches, n, engine="hvp"),
+        "default hutchinson": stochastic(lambda: CurvlinopsOperator(model, loss_fn, batches, n), "hutchinson"),
+        "default hutch++": stochastic(lambda: CurvlinopsOperator(model, loss_fn, batches, n), "hutchpp"),
+        "curvlinops hvp": stochastic(lambda: CurvlinopsOperator(model, loss_fn, batches, n, engine="hvp"),
                                      "hutchinson"),
-        "pyhessian": stochastic(lambda: H.PyHessianOperator(model, loss_fn, batches, n), "hutchinson"),
-        "trace_exact": lambda: (H.diag_ggn_trace(model, "classification", None, loss_fn, batches, n), 0.0),
+        "pyhessian": stochastic(lambda: PyHessianOperator(model, loss_fn, batches, n), "hutchinson"),
+        "trace_exact": lambda: (diag_ggn_trace(model, "classification", None, loss_fn, batches, n), 0.0),
     }
     # Warm-up with a few probes: first calls pay for imports and torch.func set-up.
     probes, args.probes = args.probes, 6

@@ -11,7 +11,7 @@ sigma = 5, Y = softmax output, every layer but the last, one batch of m probe sa
          distances by the Gram identity (O(m^2 + m d) memory), O(m^2) centring, each layer's kernel
          computed once inside a forward hook (a layer whose output is the same tensor as the previous
          one's, Flatten and eval-mode Dropout here, reuses it);
-  ours (hsic_math, no reuse)  the layer outputs collected first, then analyze.hsic_math.information_plane:
+  ours (analyze.hsic, no reuse)  the layer outputs collected first, then analyze.hsic.information_plane:
          the same O(m^2) kernels, but every layer's kernel computed (no reuse across layers);
   naive  the layer outputs collected first, then per layer the m x m x d difference tensor, its norm,
          explicit H and tr(K H L H) by matrix products (O(m^2 d) memory, O(m^3) time); X's and Y's
@@ -61,7 +61,9 @@ def _setup(m: int):
 def _ours(model, x) -> list[float]:
     import torch
 
-    from analyze.estimators.base import CheckpointInfo, Context
+    from analyze.catalog import CheckpointInfo
+
+    from analyze.estimators.base import Context
     from analyze.estimators.hsic import HSICEstimator
     from trainer.data import Split, Splits
 
@@ -118,7 +120,7 @@ def _naive(model, x) -> list[float]:
 def _ours_math(model, x) -> list[float]:
     import torch
 
-    from analyze import hsic_math as hm
+    from analyze import hsic as hm
 
     m = len(x)
     x, outs = _layer_outputs(model, x)
@@ -167,9 +169,9 @@ def main(argv=None) -> int:
     print(f"naive m x m x d float64 difference tensor for the conv layer (d = {CONV_D}): "
           f"{naive_gb(args.naive_m):.1f} GB at m = {args.naive_m}, {naive_gb(args.m):.0f} GB at m = {args.m} (not run)")
     rows = [("baseline (model + forward)", "baseline", args.naive_m), ("ours (estimator)", "ours", args.naive_m),
-            ("ours (hsic_math, no reuse)", "ours_math", args.naive_m), ("naive", "naive", args.naive_m),
+            ("ours (analyze.hsic, no reuse)", "ours_math", args.naive_m), ("naive", "naive", args.naive_m),
             ("baseline (model + forward)", "baseline", args.m), ("ours (estimator)", "ours", args.m),
-            ("ours (hsic_math, no reuse)", "ours_math", args.m)]
+            ("ours (analyze.hsic, no reuse)", "ours_math", args.m)]
     results = {}
     print(f"{'implementation':<28}{'m':>6}{'seconds':>10}{'peak RSS MB':>13}")
     for label, kind, m in rows:
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
             print(f"{label:<28}{m:>6}{r['seconds']:>10.3f}{r['maxrss_mb']:>13.0f}")
     print(f"{'naive':<28}{args.m:>6}   not run: needs {naive_gb(args.m):.0f} GB for one layer's differences")
     naive = results[("naive", args.naive_m)]
-    for kind, label in (("ours", "ours (estimator)"), ("ours_math", "ours (hsic_math, no reuse)")):
+    for kind, label in (("ours", "ours (estimator)"), ("ours_math", "ours (analyze.hsic, no reuse)")):
         ours = results[(kind, args.naive_m)]
         if "error" not in ours and "error" not in naive:
             diff = max(abs(a - b) / max(abs(b), 1e-300) for a, b in zip(ours["values"], naive["values"]))

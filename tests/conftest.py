@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import running_dask_cluster
 from trainer.config import TrainConfig
 from trainer.experiment import run_experiment
 
@@ -46,3 +47,10 @@ def tiny_ckpts(tiny_ckpts_master, tmp_path) -> Path:
     dest = tmp_path / "ckpts"
     shutil.copytree(tiny_ckpts_master, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real dask scheduler and two workers on loopback, per test module (see helpers.running_dask_cluster)."""
+    with running_dask_cluster(tmp_path_factory.mktemp("dask")) as cluster:
+        yield cluster

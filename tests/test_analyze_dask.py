@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +20,8 @@ import pandas as pd
 import pytest
 
 import analyze
+from helpers import ENV, stop
 
-TESTS = Path(__file__).resolve().parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-DASK = Path(sys.executable).parent / "dask"
 ESTIMATORS = "evaluate,weights,analyze_plugins:Norms"
 TRUNK = "ffnn-1x8-trunk"
 
@@ -47,26 +44,6 @@ def part_stats(out: Path, tables=("evaluate", "weights", "norms", "sleepy")) -> 
             for t in tables if (out / t).is_dir() for p in (out / t).glob("part-*.parquet")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate a process we started in its own session, and everything it spawned."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def copies(tiny_ckpts_master, tmp_path_factory):
     def copy(name: str) -> Path:
@@ -84,32 +61,8 @@ def local_result(copies) -> Path:
     return ckpts / "analysis"
 
 
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory):
-    """A real `dask scheduler` and `dask worker` (2 single-threaded processes) on loopback."""
-    from distributed import Client
-
-    address = f"tcp://127.0.0.1:{free_port()}"
-    logs = tmp_path_factory.mktemp("dask-logs")
-    procs = []
-    try:
-        procs.append(subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                                       "--no-dashboard"], env=ENV, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w")))
-        procs.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--nworkers", "2",
-                                       "--no-dashboard"], env=ENV, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=open(logs / "worker.log", "w")))
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=90)
-            workers = set(client.scheduler_info()["workers"])
-        yield address, workers
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
 def test_existing_cluster_gives_the_local_clusters_rows(dask_cluster, local_result, copies):
-    address, workers = dask_cluster
+    address = dask_cluster.address
     ckpts = copies("remote")
     proc = analyze_cli(ckpts, "--scheduler", address, "--estimators", ESTIMATORS)
     out = ckpts / "analysis"
@@ -119,7 +72,7 @@ def test_existing_cluster_gives_the_local_clusters_rows(dask_cluster, local_resu
         assert len(remote) > 0
         pd.testing.assert_frame_equal(remote, local, check_exact=True)
     markers = [json.loads(p.read_text()) for p in (out / "_tasks").glob("*.json")]
-    assert len(markers) == 15 and {m["worker"] for m in markers} <= workers  # the cluster's workers did the work
+    assert len(markers) == 15 and {m["worker"] for m in markers} <= set(dask_cluster.pids)  # the cluster's workers did the work
 
 
 def test_force_recomputes_every_task_with_the_same_rows(dask_cluster, local_result, tmp_path):
@@ -129,7 +82,7 @@ def test_force_recomputes_every_task_with_the_same_rows(dask_cluster, local_resu
     out = ckpts / "analysis"
     before_rows = {t: sorted_table(out, t) for t in ("evaluate", "weights", "norms")}
     before = part_stats(out)  # (a rerun without --force rewrites nothing: tests/test_analyze_core.py)
-    proc = analyze_cli(ckpts, "--estimators", ESTIMATORS, "--scheduler", dask_cluster[0], "--force")
+    proc = analyze_cli(ckpts, "--estimators", ESTIMATORS, "--scheduler", dask_cluster.address, "--force")
     assert "15 task(s) to compute" in proc.stderr
     after = part_stats(out)
     assert after.keys() == before.keys() and all(after[k][1] != before[k][1] for k in before)
@@ -169,7 +122,7 @@ def test_a_killed_run_resumes_without_recomputing_or_duplicating(dask_cluster, c
 
     # restarted later, here on the running cluster (the state that matters is in the output folder)
     proc = analyze_cli(ckpts, "--estimators", "weights,analyze_plugins:Sleepy", "--sleepy-seconds", "0.7",
-                       "--scheduler", dask_cluster[0])
+                       "--scheduler", dask_cluster.address)
     assert f"{10 - len(finished)} task(s) to compute, {len(finished)} already complete" in proc.stderr
     markers = list((out / "_tasks").glob("*.json"))
     assert len(markers) == 10
@@ -187,7 +140,7 @@ def test_failures_are_rows_in_errors_and_the_rest_is_analysed(dask_cluster, copi
     broken = ckpts / TRUNK / "epoch-0002.safetensors"
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) - 100])  # truncated
-    proc = analyze_cli(ckpts, "--estimators", "weights,analyze_plugins:FailOnEpoch", "--scheduler", dask_cluster[0],
+    proc = analyze_cli(ckpts, "--estimators", "weights,analyze_plugins:FailOnEpoch", "--scheduler", dask_cluster.address,
                        check_code=1)
     assert f"analyze: 3 task(s) failed; see {out / 'errors'}" in proc.stderr
     assert "1/3" in proc.stdout  # the trunk: one of its three checkpoints analysed by every estimator

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analyze.estimators.base import CheckpointInfo, Context
+from analyze.catalog import CheckpointInfo
+
+from analyze.estimators.base import Context
 from analyze.estimators.evaluate import Evaluate
 from analyze.estimators.weights import Weights, fit_powerlaw
 from trainer.checkpoints import load_model

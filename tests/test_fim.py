@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.catalog import CheckpointInfo
+
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.fim import FIMEstimator, softmax_fisher_root
-from analyze.estimators.hessian import HessianEstimator, training_subset
+from analyze.curvature.samples import training_subset
+from analyze.estimators.hessian import HessianEstimator
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss

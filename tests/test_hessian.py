@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.estimators import hessian as H
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
-from analyze.estimators.hessian import HessianEstimator, training_subset
+from analyze.catalog import CheckpointInfo
+from analyze.curvature.ggn import diag_ggn_batch_traces, ggn_diagonal_applies, subsample_stderr
+from analyze.curvature.operators import CurvlinopsOperator, PyHessianOperator
+from analyze.curvature.samples import batches_of, training_subset
+from analyze.curvature.spectrum import lanczos, slq_rank, top_eigenvalues
+from analyze.curvature.taylor import TaylorQuadratic
+from analyze.curvature.trace import hutchinson, rademacher
+from analyze.estimators.base import Context, EstimatorError
+from analyze.estimators.hessian import HessianEstimator
 from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss
@@ -122,13 +128,13 @@ def test_fast_curvature_mode_is_the_exact_trace_and_the_top_eigenvalue(digits_ct
     # its error bar: the standard error of a mean over the 600 samples, from 5 batches of 120; against the
     # per-sample traces' own standard deviation / sqrt(600) (batch means have 4 degrees of freedom: loose)
     x, y = training_subset(digits_ctx, SAMPLES, 0)
-    per_sample = H.diag_ggn_batch_traces(digits_ctx.model, "classification", None, digits_ctx.loss_fn,
-                                         H.batches_of(x, y, 1), SAMPLES)
+    per_sample = diag_ggn_batch_traces(digits_ctx.model, "classification", None, digits_ctx.loss_fn,
+                                         batches_of(x, y, 1), SAMPLES)
     assert per_sample.mean() == pytest.approx(row.trace, rel=1e-5)
     independent = per_sample.std(ddof=1) / math.sqrt(SAMPLES)
     assert independent / 2.5 < row.trace_stderr == row.trace_exact_stderr < independent * 2.5
     sums = per_sample.reshape(5, -1).sum(1)
-    assert H.subsample_stderr(sums, H.batches_of(x, y, 120)) == pytest.approx(
+    assert subsample_stderr(sums, batches_of(x, y, 120)) == pytest.approx(
         (sums / 120).std(ddof=1) / math.sqrt(5))  # equal batches: the plain batch-means formula
     tanh = make_ctx(_layers_model(["flatten", "dense:8:tanh", "dense:10"]), digits_ctx.splits)
     with pytest.raises(EstimatorError, match="--hessian-trace-method exact"):
@@ -138,36 +144,36 @@ def test_fast_curvature_mode_is_the_exact_trace_and_the_top_eigenvalue(digits_ct
 def test_plain_slq_rank_is_noisy_and_deflation_fixes_it(digits_ctx, digits_reference):
     """Why the SLQ is deflated: plain SLQ's rank scatters by ~sqrt(2/rank) per run at any step count."""
     x, y = training_subset(digits_ctx, SAMPLES, 0)
-    op = H.CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    op = CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
     cut = 1e-2 * digits_reference["eigs"][0]
     gen = torch.Generator().manual_seed(5)
-    tridiagonals, _, _ = H.lanczos(op, 150, H.rademacher(4, op.P, gen, op.dtype, op.device))
+    tridiagonals, _, _ = lanczos(op, 150, rademacher(4, op.P, gen, op.dtype, op.device))
     plain = []
     for T in tridiagonals:
         nodes, vecs = np.linalg.eigh(T)
         plain.append(op.P * (vecs[0] ** 2)[np.abs(nodes) > cut].sum())
     assert np.std(plain) > 0.03 * digits_reference["rank"]
-    rank, locked, _ = H.slq_rank(op, 150, 2, cut, torch.Generator().manual_seed(5))
+    rank, locked, _ = slq_rank(op, 150, 2, cut, torch.Generator().manual_seed(5))
     assert locked > 0.8 * digits_reference["rank"]
     assert abs(rank - digits_reference["rank"]) <= 0.05 * digits_reference["rank"]
 
 
 def test_pyhessian_backend_agrees_with_default(digits_ctx, digits_reference):
     x, y = training_subset(digits_ctx, SAMPLES, 0)
-    default = H.CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
-    pyh = H.PyHessianOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    default = CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
+    pyh = PyHessianOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES)
     try:
         # Same seed, same probes: the same numbers up to float rounding.
-        same_a = H.hutchinson(default, 100, torch.Generator().manual_seed(1))
-        same_b = H.hutchinson(pyh, 100, torch.Generator().manual_seed(1))
+        same_a = hutchinson(default, 100, torch.Generator().manual_seed(1))
+        same_b = hutchinson(pyh, 100, torch.Generator().manual_seed(1))
         assert same_a[0] == pytest.approx(same_b[0], rel=1e-5)
         # Independent probes: within 3 combined standard errors.
-        t_a, se_a = H.hutchinson(default, 100, torch.Generator().manual_seed(2))
-        t_b, se_b = H.hutchinson(pyh, 100, torch.Generator().manual_seed(3))
+        t_a, se_a = hutchinson(default, 100, torch.Generator().manual_seed(2))
+        t_b, se_b = hutchinson(pyh, 100, torch.Generator().manual_seed(3))
         assert abs(t_a - t_b) < 3 * math.hypot(se_a, se_b)
         assert abs(t_b - digits_reference["trace"]) < 3 * se_b
         # Largest algebraic eigenvalues through pyhessian's hvp too.
-        np.testing.assert_allclose(H.top_eigenvalues(pyh, 3, 0), digits_reference["eigs"][:3], rtol=1e-4)
+        np.testing.assert_allclose(top_eigenvalues(pyh, 3, 0), digits_reference["eigs"][:3], rtol=1e-4)
     finally:
         pyh.close()
     # pyhessian ran on a copy: no graph-carrying gradients left on the checkpoint's model
@@ -215,10 +221,10 @@ def test_taylor_quadratic_forms_equal_hvp(name):
     splits = load_dataset(DIGITS)
     x, y = splits.train.x[:50].double(), splits.train.y[:50]
     loss = nll_loss("classification")
-    op = H.CurvlinopsOperator(model, loss, [(x[:30], y[:30]), (x[30:], y[30:])], 50)
+    op = CurvlinopsOperator(model, loss, [(x[:30], y[:30]), (x[30:], y[30:])], 50)
     assert op.engine == "taylor"
     V = torch.randn(op.P, 5, dtype=torch.float64)
-    V[:, 0] = H.rademacher(1, op.P, torch.Generator().manual_seed(0), torch.float64, "cpu")[:, 0]
+    V[:, 0] = rademacher(1, op.P, torch.Generator().manual_seed(0), torch.float64, "cpu")[:, 0]
     expected = (V * op.matmat(V)).sum(dim=0)
     torch.testing.assert_close(op.quadratic(V), expected, rtol=1e-9, atol=1e-12)
 
@@ -228,10 +234,10 @@ def test_taylor_regression_loss():
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     loss = nll_loss("regression", 0.3)
-    op = H.CurvlinopsOperator(model, loss, [(x, y)], 40)
+    op = CurvlinopsOperator(model, loss, [(x, y)], 40)
     V = torch.randn(op.P, 4, dtype=torch.float64)
     torch.testing.assert_close(op.quadratic(V), (V * op.matmat(V)).sum(dim=0), rtol=1e-9, atol=1e-12)
-    assert H.CurvlinopsOperator(model, loss, [(x, y)], 40, engine="hvp").engine == "hvp"
+    assert CurvlinopsOperator(model, loss, [(x, y)], 40, engine="hvp").engine == "hvp"
 
 
 def _teacher_regression():
@@ -269,10 +275,10 @@ def test_trace_exact_where_it_applies(case):
 
 def test_applicability_rules():
     relu = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    assert H.ggn_diagonal_applies(relu)
+    assert ggn_diagonal_applies(relu)
     shared = torch.nn.Linear(3, 3)
-    assert not H.ggn_diagonal_applies(torch.nn.Sequential(shared, torch.nn.ReLU(), shared))
-    assert not H.ggn_diagonal_applies(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU()))
+    assert not ggn_diagonal_applies(torch.nn.Sequential(shared, torch.nn.ReLU(), shared))
+    assert not ggn_diagonal_applies(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU()))
 
     class Custom(torch.nn.Module):
         def __init__(self):
@@ -282,8 +288,8 @@ def test_applicability_rules():
         def forward(self, x):
             return self.fc(x) * self.fc(x)
 
-    assert not H.ggn_diagonal_applies(Custom())
-    assert H.TaylorQuadratic.build(Custom(), list(Custom().parameters()), None, [], 1) is None
+    assert not ggn_diagonal_applies(Custom())
+    assert TaylorQuadratic.build(Custom(), list(Custom().parameters()), None, [], 1) is None
     # End to end on a model that is not a Sequential: curvlinops products, dense exact trace.
     torch.manual_seed(0)
     x, y = torch.randn(60, 3), torch.randint(0, 3, (60,))

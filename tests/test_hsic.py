@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from analyze import hsic_math as hm
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze import hsic as hm
+from analyze.catalog import CheckpointInfo
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.hsic import HSICEstimator
 from trainer.checkpoints import list_checkpoints, load_model
 from trainer.data import Split, Splits, load_dataset
@@ -75,7 +76,7 @@ def t(a) -> torch.Tensor:
     return torch.as_tensor(a, dtype=torch.float64)
 
 
-# ------------------------------------------------------------------------------------ hsic_math
+# ------------------------------------------------------------------------------------ analyze.hsic
 @pytest.fixture(scope="module")
 def reference_xy():
     np.random.seed(1337)

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from trainer.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes
+from common.checks import is_foreign_panic
 
 FORMAT = "ckpt-dynamics/1"
 CKPT_RE = re.compile(r"^epoch-([0-9]{4,})(?:-step-([0-9]{8,}))?\.safetensors$")
@@ -36,11 +37,6 @@ def check_name(name: Any, what: str = "run name") -> str:
         raise ValueError(f"{what} {name!r} is not a plain folder name (letters, digits and ._+=@-, "
                          "not starting with a dot, no path separators or '..')")
     return name
-
-
-def _is_rust_panic(e: BaseException) -> bool:
-    # pyo3's PanicException (a Rust panic inside safetensors) derives from BaseException, not Exception.
-    return type(e).__name__ == "PanicException"
 
 
 class CheckpointError(ValueError):
@@ -104,7 +100,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
                                     f"{type(e).__name__}: {_one_line(e)}") from None
     except BaseException as e:
-        if not _is_rust_panic(e):
+        if not is_foreign_panic(e):
             raise
         raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
                                     f"safetensors panicked: {_one_line(e)}") from None
@@ -295,7 +291,7 @@ def read_resume_state(path: Path) -> tuple[int, int, dict]:
     except Exception as e:  # SafetensorError, ValueError, KeyError, TypeError, RecursionError, ...
         raise CheckpointError(path, f"invalid resume state: {type(e).__name__}: {_one_line(e)}") from None
     except BaseException as e:
-        if not _is_rust_panic(e):
+        if not is_foreign_panic(e):
             raise
         raise CheckpointError(path, f"invalid resume state: safetensors panicked: {_one_line(e)}") from None
 

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from trainer.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
+from common import checks
+from common.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
                             remove_temp_files)
 from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
                                  save_resume_state)
@@ -90,16 +91,13 @@ def fingerprint(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict) -> dict[str
             "last_epoch": plan.last_epoch, "parent": plan.parent, "ckpt_every_steps": cfg.ckpt_every_steps}
 
 
-def check_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("invalid value for 'device': cuda was asked for but CUDA is not available here")
-    return torch.device(device)
-
-
 def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
     """Train every run the config describes. Returns {run name: status}."""
     cfg.validate()
-    device = check_device(cfg.device)
+    try:
+        device = checks.check_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"invalid value for 'device': {e}") from None
     out = Path(cfg.out)
     dataset_spec = dataset_spec_from_config(cfg)
     splits = load_dataset(dataset_spec)

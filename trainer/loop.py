@@ -72,19 +72,42 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size: int = 2048) -> tuple[float, float]:
-    """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode."""
+def mean_loss_and_accuracy(model: nn.Module, per_sample_loss: LossFn, x: torch.Tensor, y: torch.Tensor, *,
+                           batch_size: int, classification: bool, device: torch.device | str | None = None,
+                           sum_dtype: torch.dtype | None = torch.float64) -> tuple[float, float]:
+    """Mean per-sample loss and accuracy (NaN for regression, or when the outputs are not finite) over
+    x, y in batches, in eval mode; NaN for both on no samples. The trainer's `evaluate` and the analyzer's
+    `evaluate` estimator both use it.
+
+    sum_dtype: each batch's losses are summed in this dtype (float64: the mean does not depend on the
+    batch size beyond float32 rounding); None sums in the loss's own dtype, as the trainer's logs always
+    have (changing it would change the losses stored in every checkpoint, hence their hashes).
+    device: where batches go first (None: they are already on the model's device).
+    """
+    n = len(y)
+    if n == 0:
+        return math.nan, math.nan
     was_training = model.training
     model.eval()
     total, correct, finite = 0.0, 0, True
-    for begin in range(0, len(data), batch_size):
-        xb, yb = data.x[begin:begin + batch_size], data.y[begin:begin + batch_size]
-        out = model(xb)
-        total += per_sample_loss(out, yb).sum().item()
-        if yb.ndim == 1:
-            correct += (out.argmax(1) == yb).sum().item()
-            finite = finite and bool(torch.isfinite(out).all())
-    model.train(was_training)
-    n = len(data)
+    try:
+        for begin in range(0, n, batch_size):
+            xb, yb = x[begin:begin + batch_size], y[begin:begin + batch_size]
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            losses = per_sample_loss(out, yb)
+            total += (losses if sum_dtype is None else losses.to(sum_dtype)).sum().item()
+            if classification:
+                correct += (out.argmax(1) == yb).sum().item()
+                finite = finite and bool(torch.isfinite(out).all())
+    finally:
+        model.train(was_training)
     # argmax of NaN logits is class 0: an accuracy from non-finite outputs would look plausible
-    return total / n, (correct / n if data.y.ndim == 1 and finite else math.nan)
+    return total / n, (correct / n if classification and finite else math.nan)
+
+
+def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode, as the logs record them."""
+    return mean_loss_and_accuracy(model, per_sample_loss, data.x, data.y, batch_size=batch_size,
+                                  classification=data.y.ndim == 1, sum_dtype=None)

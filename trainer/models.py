@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.checks import is_int
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "none": None, "linear": None}
 
 
@@ -40,10 +42,6 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model spec does not give a working model: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_spec(spec: Any) -> None:
     """Check a model spec's keys and value types (the builders trust them)."""
     if not isinstance(spec, dict):
@@ -56,13 +54,13 @@ def validate_spec(spec: Any) -> None:
         if key not in spec:
             raise ValueError(f"model spec lacks {key!r}")
         v = spec[key]
-        if not _is_int(v) or v < low or (high is not None and v > high):
+        if not is_int(v) or v < low or (high is not None and v > high):
             bound = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
             raise ValueError(f"model spec {key!r} must be {bound}, not {v!r}")
         return v
 
     shape = spec.get("input_shape")
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 3 or not all(_is_int(d) and d >= 1 for d in shape):
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 3 or not all(is_int(d) and d >= 1 for d in shape):
         raise ValueError(f"model spec 'input_shape' must be a list of 1 to 3 positive integers, not {shape!r}")
     integer("outputs", 1)
     if kind in ("ffnn", "dlnn"):

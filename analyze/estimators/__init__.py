@@ -7,7 +7,6 @@ the workers' unpickling) stays fast. Adding a built-in estimator is one line in 
 from __future__ import annotations
 
 import importlib
-import re
 from importlib.metadata import entry_points
 
 BUILTIN: dict[str, str] = {
@@ -22,7 +21,6 @@ DEFAULT = ("evaluate", "weights")  # what `analyze` runs without --estimators (t
 ENTRY_POINT_GROUP = "ckpt_dynamics.estimators"
 # Folders of the output that are not estimator tables.
 RESERVED_TABLES = ("errors", "runs", "training", "epochs")
-TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def registered() -> dict[str, str]:
@@ -52,6 +50,8 @@ def load_class(ref: str):
     for attribute in ("name", "tables"):
         if not getattr(cls, attribute, None):
             raise EstimatorError(f"estimator {ref!r} does not define {attribute!r}")
+    from analyze.store import TABLE_NAME  # the store's rule: table names become folder names
+
     unsafe = [t for t in cls.tables if not isinstance(t, str) or not TABLE_NAME.fullmatch(t)]
     if unsafe:  # table names become folder names under OUT: no paths, no traversal
         raise EstimatorError(f"estimator {ref!r}: table name(s) {unsafe} must match {TABLE_NAME.pattern}")

@@ -15,11 +15,12 @@ changes the result is an option, and options go into `config()`, which is hashed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import pandas as pd
 import torch
+
+from analyze.catalog import CheckpointInfo
 
 
 class EstimatorError(ValueError):
@@ -57,17 +58,6 @@ class Option:
         if self.choices is not None and value not in self.choices:
             raise EstimatorError(f"{flag}: {value!r} is not one of {', '.join(map(str, self.choices))}")
         return value
-
-
-@dataclass
-class CheckpointInfo:
-    run: str
-    optimizer: str
-    epoch: int
-    step: int
-    path: Path
-    hash: str  # content hash of the checkpoint file
-    meta: dict  # parsed metadata: model_spec, dataset_spec, losses, ...
 
 
 @dataclass

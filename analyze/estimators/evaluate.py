@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 import torch
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
+from trainer.loop import mean_loss_and_accuracy
 
 SPLITS = ("train", "val", "test")
 
@@ -29,21 +28,7 @@ class Evaluate(Estimator):
             rows.append({"split": split, "loss": loss, "accuracy": acc, "n": len(data)})
         return {"evaluate": pd.DataFrame(rows).astype({"split": str, "loss": float, "accuracy": float, "n": "int64"})}
 
-    @torch.inference_mode()
     def evaluate(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, classification: bool) -> tuple[float, float]:
         """Mean NLL (the training objective's per-sample loss) and accuracy; NaN accuracy for regression."""
-        n = len(y)
-        if n == 0:
-            return math.nan, math.nan
-        total, correct, finite = 0.0, 0, True
-        size = self.opts["batch_size"]
-        for start in range(0, n, size):
-            xb, yb = x[start:start + size].to(ctx.device), y[start:start + size].to(ctx.device)
-            out = ctx.model(xb)
-            # sum in float64 so the mean does not depend on the batch size beyond float32 rounding
-            total += ctx.per_sample_loss(out, yb).double().sum().item()
-            if classification:
-                correct += (out.argmax(dim=1) == yb).sum().item()
-                finite = finite and bool(torch.isfinite(out).all())
-        # argmax of NaN logits is class 0: an accuracy of non-finite outputs would look plausible, so NaN
-        return total / n, (correct / n if classification and finite else math.nan)
+        return mean_loss_and_accuracy(ctx.model, ctx.per_sample_loss, x, y, batch_size=self.opts["batch_size"],
+                                      classification=classification, device=ctx.device)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
-from analyze.estimators.hessian import DTYPES, eval_mode, training_subset
+from analyze.curvature.samples import DTYPES, eval_mode, training_subset
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",

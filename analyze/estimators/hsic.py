@@ -26,7 +26,7 @@ import math
 import pandas as pd
 import torch
 
-from analyze import hsic_math as hm
+from analyze import hsic as hm
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
 
 COLUMNS = {"layer": "int64", "layer_name": str, "hsic_x": float, "hsic_y": float, "estimator": str, "kernel": str,

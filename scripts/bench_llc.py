@@ -7,8 +7,8 @@ Each case trains a real checkpoint with train-ckpts' own code (a few epochs, SGD
 checkpoint with the same settings (chains x draws SGLD steps, no burn-in, batch 128, eps 1e-5,
 gamma 100, nbeta = n / log n):
 
-  fast        analyze.sgld.sample_losses: all chains in one vmapped step (torch.func)
-  devinterp   analyze.devinterp_backend.sample_losses_devinterp: devinterp 2's sampler through the
+  fast        analyze.llc.sampler.sample_losses: all chains in one vmapped step (torch.func)
+  devinterp   analyze.llc.devinterp.sample_losses_devinterp: devinterp 2's sampler through the
               adapter the `llc` estimator uses (its import is paid once, before timing)
   bare        the floor: the same number of forward+backward passes (chains x draws minibatches of
               the same size) on the plain nn.Module, no update, no noise, no bookkeeping
@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyze.calibrate import context_for  # noqa: E402
-from analyze.devinterp_backend import sample_losses_devinterp  # noqa: E402
-from analyze.sgld import SGLDSettings, sample_losses  # noqa: E402
+from analyze.llc.calibrate import context_for  # noqa: E402
+from analyze.llc.devinterp import sample_losses_devinterp  # noqa: E402
+from analyze.llc.sampler import SGLDSettings, sample_losses  # noqa: E402
 from trainer.checkpoints import checkpoint_name  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.experiment import run_experiment  # noqa: E402

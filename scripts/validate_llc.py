@@ -32,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from analyze.calibrate import calibrate, context_for, plateau_text  # noqa: E402
+from analyze.llc.calibrate import calibrate, context_for, plateau_text  # noqa: E402
 from analyze.estimators.llc import LLCEstimator  # noqa: E402
 from trainer.checkpoints import checkpoint_name  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -120,7 +120,7 @@ def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
 
 def calibration_args(options: dict, grid: dict | None = None) -> dict:
     """The arguments `analyze calibrate CKPT` uses by default (its grid, unless given, and chain lengths)."""
-    from analyze.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID
+    from analyze.llc.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID
 
     grid = grid or DEFAULT_GRID
     common = {"draws": CALIBRATION_LENGTH, "burnin": CALIBRATION_LENGTH,

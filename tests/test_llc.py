@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analyze.calibrate import calibrate, context_for
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.llc.calibrate import calibrate, context_for
+from analyze.catalog import CheckpointInfo
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator
-from analyze.llc_stats import chain_left_basin, not_at_minimum
-from analyze.sgld import SGLDSettings, chain_seed, sample_losses
+from analyze.llc.statistics import chain_left_basin, not_at_minimum
+from analyze.llc.sampler import SGLDSettings, chain_seed, sample_losses
 from trainer.checkpoints import checkpoint_name
 from trainer.data import load_dataset
 from trainer.losses import nll_loss
@@ -74,7 +75,7 @@ def test_fast_and_devinterp_backends_agree(mlp_context, sampler):
 def test_devinterp_adapter_gives_chains_fresh_independent_batches():
     """devinterp 2.0.1 replays its first epoch's batches forever and gives every chain the same ones;
     through the adapter, no batch comes back one epoch later and the two chains' batches differ."""
-    from analyze.devinterp_backend import sample_losses_devinterp
+    from analyze.llc.devinterp import sample_losses_devinterp
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -266,7 +267,7 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     assert not weak.loc["0.1/nbeta", "agrees_with_larger_step"]  # the step-size bias of the largest step
     # the stability product eps x nbeta x lambda_max, lambda_max against the exact Hessian of the mean Gaussian NLL
     # on the same 1280 samples: X~^T X~ / (m sigma^2), X~ the inputs with a column of ones
-    from analyze.estimators.hessian import training_subset
+    from analyze.curvature.samples import training_subset
 
     x, _ = training_subset(ctx, 1280, 0)
     design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
@@ -276,8 +277,8 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
 
 
 def test_a_step_unstable_in_the_stiffest_direction_is_not_healthy():
-    from analyze.llc_stats import healthy
-    from analyze.stability import STABLE_STEP
+    from analyze.llc.statistics import healthy
+    from analyze.llc.stability import STABLE_STEP
 
     row = {"diverged": False, "left_basin": False, "not_at_minimum": False, "rhat": 1.0, "drift": 0.0}
     assert healthy({**row, "step_curvature": 0.5 * STABLE_STEP})
@@ -288,8 +289,8 @@ def test_llc_rows_record_the_steps_stability_and_their_health():
     """Every llc row measures lambda_max at its checkpoint (against the exact Hessian of linear regression) and
     is healthy only when eps x nbeta x lambda_max < 2: a step that is still stable (< 4) but inflates the
     stiffest direction's variance is flagged, though nothing in its chains looks wrong."""
-    from analyze.estimators.hessian import training_subset
-    from analyze.stability import STABLE_STEP
+    from analyze.curvature.samples import training_subset
+    from analyze.llc.stability import STABLE_STEP
 
     ctx = linear_regression_context(10)
     x, _ = training_subset(ctx, 1280, 0)
@@ -310,8 +311,8 @@ def test_llc_rows_record_the_steps_stability_and_their_health():
 def test_calibration_runs_only_stable_steps_and_adds_smaller_ones_on_a_stiff_model():
     """With every given step unstable (eps x nbeta x lambda_max >= 2), calibrate runs none of them and adds as many
     stable steps a factor 3 apart below them; their recommendation lands on the truth (lambda = 5)."""
-    from analyze.calibrate import stable_steps
-    from analyze.stability import STABLE_STEP
+    from analyze.llc.calibrate import stable_steps
+    from analyze.llc.stability import STABLE_STEP
 
     assert stable_steps(["0.1/nbeta", "1/nbeta"], 100.0, 10.0) == ["0.1/nbeta", "0.033/nbeta"]
     assert stable_steps(["0.3/nbeta", "1/nbeta"], 100.0, 10.0) == ["0.1/nbeta", "0.033/nbeta"]
@@ -327,7 +328,7 @@ def test_calibration_runs_only_stable_steps_and_adds_smaller_ones_on_a_stiff_mod
 
 
 def test_agreement_uses_the_standard_errors():
-    from analyze.calibrate import agree
+    from analyze.llc.calibrate import agree
 
     assert agree({"llc_mean": 10.0, "llc_sem": 1.0}, {"llc_mean": 12.0, "llc_sem": 1.0})  # 2 < 2 x 1.41 + 0.6
     assert not agree({"llc_mean": 10.0, "llc_sem": 0.1}, {"llc_mean": 12.0, "llc_sem": 0.1})
@@ -335,7 +336,7 @@ def test_agreement_uses_the_standard_errors():
 
 
 def test_recommendation_skips_a_localization_where_any_step_is_unhealthy():
-    from analyze.calibrate import recommend
+    from analyze.llc.calibrate import recommend
 
     table = pd.DataFrame({
         "nbeta_option": ["n/log n"] * 4, "localization_option": ["1", "1", "100", "100"],
@@ -378,7 +379,7 @@ def test_relative_options_take_their_value_at_this_nbeta():
 
 
 def test_drift_flags_a_chain_still_settling():
-    from analyze.llc_stats import drift
+    from analyze.llc.statistics import drift
 
     rng = np.random.default_rng(0)
     steady = rng.normal(1.0, 0.1, size=(4, 400))

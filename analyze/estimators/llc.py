@@ -1,7 +1,7 @@
 """`llc`: local learning coefficient and WBIC of each checkpoint by SGLD, with chain diagnostics.
 
 Writes `llc` (one row per checkpoint) and `llc_chains` (every chain's loss trace, burn-in flagged).
-See analyze/sgld.py for the sampler and analyze/llc_stats.py for the estimates and diagnostics.
+See analyze/llc/sampler.py for the sampler and analyze/llc/statistics.py for the estimates and diagnostics.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
-from analyze.llc_stats import healthy, summarize
-from analyze.sgld import SAMPLERS, SGLDSettings, sample_losses
-from analyze.stability import top_hessian_eigenvalue
+from analyze.llc.statistics import healthy, summarize
+from analyze.llc.sampler import SAMPLERS, SGLDSettings, sample_losses
+from analyze.llc.stability import top_hessian_eigenvalue
 from trainer.truth import true_learning_coefficient
 
 # Defaults that carry over from n = 10^3 to 6 x 10^4 (docs/llc.md; scripts/validate_llc.py measures them):
@@ -138,7 +138,7 @@ class LLCEstimator(Estimator):
         Option("thin", int, 1, "keep every k-th step in llc_chains"),
         Option("stability", bool, True, "measure lambda_max, the Hessian's top eigenvalue at the checkpoint (Lanczos "
                "on 1,280 samples), and record step_curvature = eps x nbeta x lambda_max; `healthy` requires it < 2 "
-               "(the step is stable in the stiffest direction, analyze/stability.py)"),
+               "(the step is stable in the stiffest direction, analyze/llc/stability.py)"),
     )
 
     def validate(self) -> None:
@@ -169,7 +169,7 @@ class LLCEstimator(Estimator):
     def sample(self, ctx: Context, settings: SGLDSettings) -> np.ndarray:
         x, y = ctx.splits.train.x.to(ctx.device), ctx.splits.train.y.to(ctx.device)
         if self.opts["backend"] == "devinterp":
-            from analyze.devinterp_backend import sample_losses_devinterp
+            from analyze.llc.devinterp import sample_losses_devinterp
 
             return sample_losses_devinterp(ctx.model, ctx.per_sample_loss, x, y, settings)
         return sample_losses(ctx.model, ctx.per_sample_loss, x, y, settings)

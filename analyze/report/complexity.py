@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from analyze.llc_stats import DRIFT_MAX, not_at_minimum
+from analyze.llc.statistics import DRIFT_MAX, not_at_minimum
 from analyze.report.data import ReportData
 from analyze.report.style import add_val_loss, cut_lines, secondary_axis_figure, style
 from analyze.tables import present

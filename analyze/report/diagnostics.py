@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE, not_at_minimum
+from analyze.llc.statistics import DRIFT_MAX, NOT_AT_MINIMUM_SE, not_at_minimum
 from analyze.report.complexity import RHAT_WARN
 from analyze.report.data import ReportData
 from analyze.tables import present

@@ -4,10 +4,10 @@ recommendation and the plateau it comes from.
 Steps are given relative to nbeta ('c/nbeta': the drift's effective step eps x nbeta = c) and every
 step gets the same sampling time: a step k times smaller runs k times more burn-in steps and draws, so a
 smaller step is never judged on a shorter chain. Only steps stable at the checkpoint are run
-(eps x nbeta x lambda_max < STABLE_STEP, analyze/stability.py; lambda_max is measured once): smaller
+(eps x nbeta x lambda_max < STABLE_STEP, analyze/llc/stability.py; lambda_max is measured once): smaller
 ones (a factor 3 apart) replace the unstable ones, and equal sampling time counts from the largest stable
 step. A setting is *healthy* as an llc row is
-(analyze/llc_stats.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
+(analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
 stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
 errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
 at which every step is healthy (strong localization biases the LLC low), and at it the largest step that
@@ -28,11 +28,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyze.estimators.base import CheckpointInfo, Context, EstimatorError
+from analyze.catalog import CheckpointInfo
+from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
-from analyze.llc_stats import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX, healthy
-from analyze.sgld import SAMPLERS
-from analyze.stability import STABLE_STEP, top_hessian_eigenvalue
+from analyze.llc.statistics import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX, healthy
+from analyze.llc.sampler import SAMPLERS
+from analyze.llc.stability import STABLE_STEP, top_hessian_eigenvalue
 from analyze.store import Store, config_hash, file_hash, task_key
 from trainer.checkpoints import CheckpointError, load_model
 from trainer.data import DataError, load_dataset

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from analyze.sgld import SGLDSettings
+from analyze.llc.sampler import SGLDSettings
 
 
 @contextlib.contextmanager
@@ -69,13 +69,13 @@ class _RowIndices(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i]}
 
 
-# analyze.sgld.SAMPLERS -> devinterp's sampling_method names
+# analyze.llc.sampler.SAMPLERS -> devinterp's sampling_method names
 DEVINTERP_METHODS = {"sgld": "sgmcmc_sgld", "rmsprop-sgld": "rmsprop_sgld"}
 
 
 def sample_losses_devinterp(model: torch.nn.Module, per_sample_loss: Callable, x: torch.Tensor,
                             y: torch.Tensor, settings: SGLDSettings) -> np.ndarray:
-    """Same contract as analyze.sgld.sample_losses: per-step minibatch losses, (chains, burnin + draws)."""
+    """Same contract as analyze.llc.sampler.sample_losses: per-step minibatch losses, (chains, burnin + draws)."""
     from devinterp.slt.sampling import sample
 
     if settings.control_variate:

@@ -16,7 +16,7 @@ traces.
 
 `healthy`: the estimate can be used. No chain diverged or left the basin, the checkpoint is at a minimum,
 R-hat < RHAT_MAX, |drift| <= DRIFT_MAX, and the step is stable in the stiffest direction
-(`step_curvature` < STABLE_STEP, analyze/stability.py; unknown, NaN, when it was not measured). One
+(`step_curvature` < STABLE_STEP, analyze/llc/stability.py; unknown, NaN, when it was not measured). One
 definition, used by the llc rows, `analyze calibrate` and the reproduction scripts' verdicts.
 
 `drift`: are the chains still settling? The LLC over the second half of the kept draws minus that over the
@@ -43,7 +43,7 @@ import warnings
 
 import numpy as np
 
-from analyze.stability import STABLE_STEP
+from analyze.llc.stability import STABLE_STEP
 
 LEFT_BASIN_LEVEL = 0.5
 RISING_LEVEL = 0.2

@@ -24,13 +24,15 @@ SAMPLES = 1280
 
 def top_hessian_eigenvalue(ctx: "Context", samples: int = SAMPLES, seed: int = 0) -> float:
     """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples."""
-    from analyze.estimators import hessian
+    from analyze.curvature.operators import CurvlinopsOperator
+    from analyze.curvature.samples import batches_of, eval_mode, training_subset
+    from analyze.curvature.spectrum import top_eigenvalues
 
-    x, y = hessian.training_subset(ctx, samples, seed)
-    op = hessian.CurvlinopsOperator(ctx.model, ctx.loss_fn, hessian.batches_of(x, y, samples), len(y), engine="hvp")
+    x, y = training_subset(ctx, samples, seed)
+    op = CurvlinopsOperator(ctx.model, ctx.loss_fn, batches_of(x, y, samples), len(y), engine="hvp")
     try:
-        with hessian.eval_mode(ctx.model):
-            return hessian.top_eigenvalues(op, 1, seed)[0]
+        with eval_mode(ctx.model):
+            return top_eigenvalues(op, 1, seed)[0]
     finally:
         op.close()
 

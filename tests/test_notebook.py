@@ -35,6 +35,9 @@ def kernel_name(tmp_path, monkeypatch) -> str:
         "display_name": "ckpt-dynamics (test)", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # no deprecation warning from jupyter_core
+    # connection files and IPython's profile in the test's folder: nothing written to (or read from) $HOME
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter" / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures as PNG outputs
     return spec.name
 

@@ -373,9 +373,16 @@ class AnalysisResult:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        failed = f"; {len(self.failures)} task(s) failed (see the errors table)" if self.failures else ""
-        report = f"\nreport: {self.report}" if self.report else ""
-        return f"AnalysisResult{failed}\n{self.summary_text()}{report}"
+        # analyze.run has printed the per-run summary already: a notebook cell ending in the result
+        # should not show it twice
+        counts = {k: sum(r[k] for r in self.runs) for k in ("computed", "skipped", "failed")}
+        lines = [f"AnalysisResult: {len(self.runs)} run(s), {counts['computed']} task(s) computed, "
+                 f"{counts['skipped']} skipped, {counts['failed']} failed" +
+                 (" (see .failures and the errors table)" if counts["failed"] else ""),
+                 f"tables in {self.out}: {', '.join(self.tables)}"]
+        if self.report:
+            lines.append(f"report: {self.report}")
+        return "\n".join(lines + [".summary: per run; .load(): the tables"])
 
 
 def run(s: Settings) -> int:

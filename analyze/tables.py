@@ -46,9 +46,9 @@ class Tables(dict):
     """A dict of DataFrames (table name -> rows) that shows, in a notebook or with print, a summary of its
     tables, runs, epochs and estimator settings."""
 
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
+    def __init__(self, path: str | Path = ".", *args, **kwargs):
+        super().__init__(*args, **kwargs)  # Tables(path, {...}) also works, as dict({...}) does
+        self.path = Path(path)
 
     def summary(self) -> pd.DataFrame:
         """One row per table: rows, runs, epochs, and the estimator settings of its rows."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analyze.estimators import DEFAULT, ENTRY_POINT_GROUP, parse_list, registered, resolve
+from analyze.summary import AnalysisResult
 from common.checks import check_device, is_int
 
 PROG = "analyze"
@@ -53,8 +54,8 @@ BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "d
                     "report_path", "xcorr_max_lag")
 
 
-class UsageError(Exception):
-    """Bad command line or config file: `analyze: error: <message>` and exit status 2."""
+class UsageError(ValueError):
+    """Bad command line, config file or `analyze.run` option: `analyze: error: <message>` and exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -177,8 +178,13 @@ def select_estimators(text) -> list[tuple[str, type]]:
     return list(chosen.values())
 
 
-def parse_args(argv: list[str]) -> Settings | str:
-    """Settings for a run, or the help text. Raises UsageError."""
+def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settings | str:
+    """Settings for a run, or the help text. Raises UsageError.
+
+    `options` are `analyze.run`'s keyword arguments: option names without dashes, each estimator's options
+    as a section (llc={"chains": 2}, as in a config file) or as its flag's name (llc_chains=2). They
+    override the config file, as flags do.
+    """
     from analyze.catalog import EpochSpec, EpochSpecError
     from analyze.estimators.base import EstimatorError
 
@@ -188,7 +194,8 @@ def parse_args(argv: list[str]) -> Settings | str:
     first.add_argument("-h", "--help", action="store_true")
     pre, _ = first.parse_known_args(argv)
     config = read_config(pre.config) if pre.config else {}
-    selection = pre.estimators or config.get("estimators") or ",".join(DEFAULT)
+    options = {k.replace("-", "_"): v for k, v in (options or {}).items() if v is not None}
+    selection = pre.estimators or options.get("estimators") or config.get("estimators") or ",".join(DEFAULT)
     if pre.help:
         try:
             selected = [cls for _, cls in select_estimators(selection)]
@@ -201,10 +208,13 @@ def parse_args(argv: list[str]) -> Settings | str:
     if unknown:
         raise UsageError(f"--config {pre.config}: unknown key(s) {', '.join(unknown)} (not an estimator or option)")
 
+    sections = option_sections(options, estimators)
+
     parser = base_parser()
     for _, cls in estimators:
         add_estimator_options(parser, cls)
     parser.set_defaults(**{k: config[k] for k in BASE_CONFIG_KEYS if k in config})
+    parser.set_defaults(**{k: options[k] for k in BASE_CONFIG_KEYS if k in options})
     args, extra = parser.parse_known_args(argv)
     if extra:
         raise UsageError(unrecognized(extra, names))
@@ -215,6 +225,7 @@ def parse_args(argv: list[str]) -> Settings | str:
         if not isinstance(section, dict):
             raise UsageError(f"--config {pre.config}: {cls.name!r} must be an object of options")
         values = {k.replace("-", "_"): v for k, v in section.items()}
+        values.update(sections.get(cls.name, {}))
         values.update({dest.split(":")[2]: v for dest, v in vars(args).items() if dest.startswith(f"opt:{cls.name}:")})
         try:
             instances.append((ref, cls(**values)))
@@ -232,14 +243,44 @@ def parse_args(argv: list[str]) -> Settings | str:
     except ValueError as e:
         raise UsageError(f"--device {e}") from None
     try:
-        epochs = EpochSpec.parse(None if args.epochs is None else str(args.epochs))
+        epochs = EpochSpec.parse(None if args.epochs is None else comma_list(args.epochs))
     except EpochSpecError as e:
         raise UsageError(str(e)) from None
     return Settings(ckpt_dir=ckpt_dir, out=Path(args.out) if args.out else ckpt_dir / "analysis", estimators=instances,
-                    runs=args.runs, epochs=epochs, scheduler=args.scheduler, workers=args.workers,
+                    runs=None if args.runs is None else comma_list(args.runs), epochs=epochs, scheduler=args.scheduler,
+                    workers=args.workers,
                     force=bool(args.force), device=str(args.device), data_root=args.data_root,
                     report=bool(args.report), report_path=Path(args.report_path) if args.report_path else None,
                     xcorr_max_lag=int(args.xcorr_max_lag))
+
+
+def option_sections(options: dict[str, Any], estimators: list[tuple[str, type]]) -> dict[str, dict[str, Any]]:
+    """`analyze.run`'s estimator options by estimator: llc={"chains": 2} and llc_chains=2 both give
+    {"llc": {"chains": 2}}. An option that is neither a base option nor a selected estimator's gets the
+    message its flag would get."""
+    selected = {cls.name: cls for _, cls in estimators}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if key in BASE_CONFIG_KEYS or key == "estimators":
+            continue
+        if key in registered() and key not in selected:
+            raise UsageError(f"{key}: estimator {key!r} is not selected (estimators {','.join(selected)})")
+        if key in selected:
+            if not isinstance(value, dict):
+                raise UsageError(f"{key}: must be a dict of the estimator's options, e.g. {key}={{...}}")
+            sections.setdefault(key, {}).update({k.replace("-", "_"): v for k, v in value.items()})
+            continue
+        owner = next((name for name in selected if key.startswith(f"{name}_")
+                      and key[len(name) + 1:] in {o.name for o in selected[name].options}), None)
+        if owner is None:
+            raise UsageError(unrecognized([flag(*key.split("_", 1)) if "_" in key else f"--{key}"], set(selected)))
+        sections.setdefault(owner, {})[key[len(owner) + 1:]] = value
+    return sections
+
+
+def comma_list(value: Any) -> str:
+    """--runs and --epochs take comma-separated text; a config file or `analyze.run` may give a list."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def unrecognized(extra: list[str], selected: set[str]) -> str:
@@ -286,6 +327,11 @@ def check_out(out: Path, ckpt_dir: Path, runs) -> None:
 
 
 def run(s: Settings) -> int:
+    return execute_settings(s).exit_code
+
+
+def execute_settings(s: Settings) -> AnalysisResult:
+    """Analyse what the settings select, print the summary, and return it (raises UsageError)."""
     from analyze.catalog import build_catalog
     from analyze.store import Store
     from common.atomic import folder_lock
@@ -321,10 +367,10 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
 
-def _run_locked(s: Settings, catalog, store) -> int:
+def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
     from analyze.catalog import runs_frame, training_log
     from analyze.runner import execute, plan_tasks
-    from analyze.summary import print_summary, summarize
+    from analyze.summary import last_estimates, summarize
 
     log_warnings: list[str] = []
     training = training_log(catalog.runs, log_warnings)
@@ -347,10 +393,17 @@ def _run_locked(s: Settings, catalog, store) -> int:
             raise UsageError(f"--scheduler {s.scheduler}: cannot connect ({e})") from None
         raise
     post_ok = post_process(s, store) if s.report else True
-    print_summary(summarize(catalog, plan, statuses), store)
-    if s.report and post_ok:
-        print(f"report: {(s.report_path or store.root / 'report.html').resolve()}")
+    rows = summarize(catalog, plan, statuses)
+    estimates = last_estimates(store)
+    for row in rows:
+        row["last_estimates"] = estimates.get(row["run"], "")
     failures = [st for st in statuses if not st["ok"]]
+    report = (s.report_path or store.root / "report.html").resolve() if s.report and post_ok else None
+    result = AnalysisResult(out=store.root.resolve(), report=report, runs=rows, failures=failures,
+                            tables=store.tables(), exit_code=1 if failures or not post_ok else 0)
+    print(result.summary_text())
+    if report:
+        print(f"report: {report}")
     if failures:
         for st in failures[:5]:
             print(f"  {st['run']} epoch {st['epoch']} step {st['step']} {st['estimator']}: "
@@ -358,8 +411,7 @@ def _run_locked(s: Settings, catalog, store) -> int:
         if len(failures) > 5:
             print(f"  ... and {len(failures) - 5} more", file=sys.stderr)
         print(f"{PROG}: {len(failures)} task(s) failed; see {store.root / 'errors'}", file=sys.stderr)
-        return 1
-    return 0 if post_ok else 1
+    return result
 
 
 def post_process(s: Settings, store) -> bool:

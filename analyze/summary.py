@@ -1,16 +1,19 @@
-"""What `analyze` prints at the end: per run, checkpoints analysed, tasks computed/skipped/failed, and the
-last LLC and Hessian trace; then where the tables are."""
+"""What `analyze` prints at the end and `analyze.run` returns (AnalysisResult): per run, checkpoints analysed,
+tasks computed/skipped/failed, and the last LLC and Hessian trace; then where the tables are."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from analyze.catalog import Catalog
-from analyze.runner import Plan
+if TYPE_CHECKING:  # the command imports this module before it needs dask
+    from analyze.catalog import Catalog
+    from analyze.runner import Plan
 
 
-def summarize(catalog: Catalog, plan: Plan, statuses: list[dict]) -> list[dict[str, Any]]:
+def summarize(catalog: "Catalog", plan: "Plan", statuses: list[dict]) -> list[dict[str, Any]]:
     """Per run: checkpoints selected, checkpoints with every task complete, computed/skipped/failed tasks."""
     failed_keys = {s["key"] for s in statuses if not s["ok"]}
     computed = Counter(s["run"] for s in statuses if s["ok"])
@@ -43,14 +46,53 @@ def last_estimates(store) -> dict[str, str]:
     return {run: ", ".join(parts) for run, parts in found.items()}
 
 
-def print_summary(rows: list[dict], store) -> None:
-    width = max([len("run")] + [len(r["run"]) for r in rows])
-    estimates = last_estimates(store)
-    print(f"{'run':<{width}}  checkpoints  computed  skipped  failed  last estimates")
-    for r in rows:
-        done = f"{r['analysed']}/{r['checkpoints']}"
-        print(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}  "
-              f"{estimates.get(r['run'], '')}")
-    tables = [t for t in store.tables()]
-    print(f"tables in {store.root.resolve()}: {', '.join(tables)}")
-    print(f'pandas: analyze.load("{store.root.resolve()}")')
+@dataclass
+class AnalysisResult:
+    """What one analysis did (`analyze.run` returns it; the command prints it and exits with `exit_code`)."""
+
+    out: Path  # the output folder (resolved)
+    report: Path | None  # the HTML report, None with report=False or when it failed
+    runs: list[dict]  # per run: checkpoints, analysed, computed, skipped, failed, last_estimates
+    failures: list[dict]  # per failed task: run, epoch, step, estimator, error, message (rows of OUT/errors)
+    tables: list[str]  # the table folders in `out`
+    exit_code: int  # the command's: 0 all done, 1 some task or the report failed
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def summary(self):
+        """The per-run summary as a DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.runs)
+
+    def load(self):
+        """The tables, as `analyze.load(out)` gives them."""
+        from analyze.tables import load
+
+        return load(self.out)
+
+    def summary_text(self) -> str:
+        width = max([len("run")] + [len(r["run"]) for r in self.runs])
+        lines = [f"{'run':<{width}}  checkpoints  computed  skipped  failed  last estimates"]
+        for r in self.runs:
+            done = f"{r['analysed']}/{r['checkpoints']}"
+            lines.append(f"{r['run']:<{width}}  {done:>11}  {r['computed']:>8}  {r['skipped']:>7}  {r['failed']:>6}  "
+                         f"{r['last_estimates']}")
+        lines.append(f"tables in {self.out}: {', '.join(self.tables)}")
+        lines.append(f'pandas: analyze.load("{self.out}")')
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # analyze.run has printed the per-run summary already: a notebook cell ending in the result
+        # should not show it twice
+        counts = {k: sum(r[k] for r in self.runs) for k in ("computed", "skipped", "failed")}
+        lines = [f"AnalysisResult: {len(self.runs)} run(s), {counts['computed']} task(s) computed, "
+                 f"{counts['skipped']} skipped, {counts['failed']} failed" +
+                 (" (see .failures and the errors table)" if counts["failed"] else ""),
+                 f"tables in {self.out}: {', '.join(self.tables)}"]
+        if self.report:
+            lines.append(f"report: {self.report}")
+        return "\n".join(lines + [".summary: per run; .load(): the tables"])

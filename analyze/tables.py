@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analyze.store import ERRORS_TABLE, Store
+from analyze.store import ERRORS_TABLE, TASKS_DIR, Store
 
 RUN_EPOCH = ["run", "epoch", "step"]
 XCORR_TABLE = "xcorr"  # written by the xcorr post-processor, over the other tables
@@ -44,13 +44,111 @@ def read_table(folder: Path, completed: set[str] | None = None) -> pd.DataFrame 
     return frame
 
 
-def load(path: str | Path) -> dict[str, pd.DataFrame]:
+class Tables(dict):
+    """A dict of DataFrames (table name -> rows) that shows, in a notebook or with print, a summary of its
+    tables, runs, epochs and estimator settings."""
+
+    def __init__(self, path: str | Path = ".", *args, **kwargs):
+        super().__init__(*args, **kwargs)  # Tables(path, {...}) also works, as dict({...}) does
+        self.path = Path(path)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per table: rows, runs, epochs, and the estimator settings of its rows."""
+        settings = self._settings()
+        rows = []
+        for name, frame in self.items():
+            runs = frame["run"].nunique() if "run" in frame else None
+            epochs = _span(frame["epoch"]) if "epoch" in frame and len(frame) else ""
+            configs = frame["config_hash"].dropna().unique() if "config_hash" in frame else []
+            text = "; ".join(settings.get((name, c), c) for c in configs[:3]) + ("; ..." if len(configs) > 3 else "")
+            rows.append({"table": name, "rows": len(frame), "runs": runs, "epochs": epochs, "settings": text})
+        return pd.DataFrame(rows, columns=["table", "rows", "runs", "epochs", "settings"]).set_index("table")
+
+    def _runs_lines(self) -> list[str]:
+        runs = self.get("runs")
+        if runs is None or not len(runs):
+            return []
+        epochs = self.get("epochs")
+        lines = []
+        for r in runs.itertuples():
+            span = _span(epochs.loc[epochs["run"] == r.run, "epoch"]) if epochs is not None and "run" in epochs else ""
+            branch = isinstance(r.parent_run, str) and r.parent_run  # a missing parent reads back as None or NaN
+            parent = f" from {r.parent_run} at epoch {r.parent_epoch}" if branch else ""
+            lines.append(f"{r.run}: {r.role}, {r.optimizer}{parent}, epochs {span or '-'}")
+        return lines
+
+    def _settings(self) -> dict[tuple[str, str], str]:
+        """(table, config_hash) -> "option=value, ..." from the tasks' completion markers (the options that
+        differ from the estimator's defaults; "defaults" when none does). Stops reading markers once every
+        (table, config) is named, so it stays quick on large folders."""
+        import json
+
+        wanted = {(name, c) for name, frame in self.items() if "config_hash" in frame
+                  for c in frame["config_hash"].dropna().unique()}
+        found: dict[tuple[str, str], str] = {}
+        tasks = self.path / TASKS_DIR
+        markers = sorted(tasks.glob("*.json")) if tasks.is_dir() else []
+        for marker in markers[:5000]:
+            if len(found) == len(wanted):
+                break
+            try:
+                record = json.loads(marker.read_text())
+                keys = [(table, record["config_hash"]) for table in record.get("tables", {})]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            for key in keys:
+                if key in wanted and key not in found:
+                    found[key] = f"{record.get('estimator', '?')}: " + _options_text(record)
+        return found
+
+    def _text(self) -> str:
+        lines = [f"analysis tables in {self.path} (a dict of DataFrames; t[\"llc\"], t[\"epochs\"], ...)"]
+        runs = self._runs_lines()
+        if runs:
+            lines += ["runs:"] + [f"  {line}" for line in runs]
+        return "\n".join(lines + ["", self.summary().to_string()])
+
+    def __repr__(self) -> str:
+        return self._text()
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        import html
+
+        runs = "".join(f"<li>{html.escape(line)}</li>" for line in self._runs_lines())
+        return (f"<p>analysis tables in <code>{html.escape(str(self.path))}</code> (a dict of DataFrames)</p>"
+                + (f"<p>runs:</p><ul>{runs}</ul>" if runs else "") + self.summary().to_html())
+
+
+def _span(epochs: pd.Series) -> str:
+    if not len(epochs):
+        return ""
+    lo, hi = int(epochs.min()), int(epochs.max())
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _options_text(record: dict) -> str:
+    """A marker's options that differ from the estimator's defaults."""
+    options = record.get("options") or {}
+    try:
+        from analyze.estimators import load_class
+
+        defaults = {o.name: o.default for o in load_class(record["ref"]).options}
+    except Exception:  # a plug-in that no longer imports: show every option
+        defaults = {}
+    order = list(defaults) + sorted(set(options) - set(defaults))  # the estimator's own order, as --help lists them
+    changed = [(k, options[k]) for k in order if k in options and (k not in defaults or defaults[k] != options[k])]
+    return ", ".join(f"{k}={v}" for k, v in changed) or "defaults"
+
+
+def load(path: str | Path) -> Tables:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such analysis folder (made by `analyze CKPT_DIR --out {root}`)")
     store = Store(root)
     completed = store.completed()
-    tables = {}
+    tables = Tables(root)
     for name in store.tables():
         frame = read_table(root / name, None if name == ERRORS_TABLE else completed)
         if frame is not None:

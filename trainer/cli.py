@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import warnings
 
-from trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, read_config_file
+from trainer.config import FIELDS, ConfigError, TrainConfig, config_with_options
 
 EPILOG = """examples:
   train-ckpts                                   the default swap study on scikit-learn's digits
@@ -56,13 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
-    values = read_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    cfg = config_from_dict(values, source="config file")
-    for key, value in args.items():  # flags override the file
-        setattr(cfg, key, value)
+    config_file = args.pop("config", None)
     assert set(args) <= set(FIELDS)
-    return cfg.validate()
+    return config_with_options(config_file, args, typed=True)  # flags override the file
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,10 @@ Precedence: dataclass defaults < config file < command-line flags. Every field h
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -245,6 +247,29 @@ def _coerce(name: str, value: Any) -> Any:
 
 # The study called its MLP "dnn" in prose and "ffnn" in code; accept both spellings.
 _ALIASES = {"model_type": {"dnn": "ffnn"}, "dataset": {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}}
+
+
+def config_with_options(config_file: str | Path | None, options: dict[str, Any], *, typed: bool = False) -> TrainConfig:
+    """The validated config of a config file (or none) with `options` overriding it, as flags do.
+
+    `train-ckpts` passes its parsed flags (argparse has typed them); `trainer.train` passes its keyword
+    arguments with typed=False, which checks them as config-file values are checked, so both interfaces
+    accept the same options and reject bad values with the same one-line messages.
+    """
+    values = read_config_file(config_file) if config_file else {}
+    cfg = config_from_dict(values, source="config file")
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS or name == "analysis_args":
+            close = difflib.get_close_matches(name, [f for f in FIELDS if f != "analysis_args"], n=1)
+            raise ConfigError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                           " (train-ckpts --help lists every option)"))
+        if not typed:
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value  # out=Path(...) is a path too
+            value = _coerce(name, value)
+            value = _ALIASES[name].get(value, value) if name in _ALIASES else value
+        setattr(cfg, name, value)
+    return cfg.validate()
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:

@@ -183,7 +183,9 @@ class LLCEstimator(Estimator):
         traces = self.sample(ctx, settings)
         kept = traces[:, settings.burnin:]
         row = summarize(kept, init, settings.nbeta, n, chance_loss(ctx.splits, y))
-        row["lambda_max"] = top_hessian_eigenvalue(ctx) if self.opts["stability"] else math.nan
+        # diverged chains are unhealthy whatever the step (and a checkpoint with non-finite weights has no spectrum)
+        measure = self.opts["stability"] and not row["diverged"]
+        row["lambda_max"] = top_hessian_eigenvalue(ctx) if measure else math.nan
         row["step_curvature"] = settings.lr * settings.nbeta * row["lambda_max"]
         row["healthy"] = healthy(row)
         meta = ctx.checkpoint.meta

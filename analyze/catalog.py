@@ -1,6 +1,7 @@
 """Find runs (folders with run.json) and their checkpoints; validate metadata; hash checkpoint content.
 
-A run.json that cannot be used costs that run only: it becomes one warning line naming the file. A
+A run.json that cannot be used costs that run only: it becomes one warning line naming the file, and so
+does a checkpoint whose metadata disagrees with its file name or folder (it is skipped). A
 checkpoint whose bytes are corrupt is still catalogued (hashed as it is): its tasks then fail on the
 worker with an error row naming the file, like any other failure, and the rest is analysed.
 """
@@ -16,7 +17,8 @@ from typing import Any, Iterable
 
 from analyze.store import file_hash
 from common.checks import is_int
-from trainer.checkpoints import CheckpointError, check_name, list_checkpoints, read_header_metadata
+from trainer.checkpoints import (CheckpointError, check_name, list_checkpoints, name_mismatch,
+                                 read_header_metadata)
 
 RUN_KEYS = ("run", "family", "role", "experiment_type", "optimizer", "model_spec", "dataset_spec", "parent", "status")
 
@@ -203,17 +205,28 @@ def find_runs(root: Path) -> tuple[list[Run], list[str]]:
     return runs, warnings
 
 
+class NameMismatch(ValueError):
+    """A checkpoint whose metadata names another run, epoch, step or kind than its path: it is skipped with a
+    warning, since its rows would duplicate (or be filed as) another checkpoint's."""
+
+
 def checkpoint_info(run: Run, epoch: int, step: int | None, path: Path) -> CheckpointInfo:
     """Hash a checkpoint and read its metadata header; a corrupt file keeps empty metadata.
 
-    OSError if the file cannot be read at all (then there is no content to key a task by).
+    OSError if the file cannot be read at all (then there is no content to key a task by); NameMismatch if
+    its metadata disagrees with its file name or folder.
     """
     meta: dict[str, Any] = {}
     try:
         meta = read_header_metadata(path)
     except CheckpointError:
         pass  # the task's load_model reports exactly what is wrong, naming the file
-    return CheckpointInfo(run=run.name, optimizer=run.optimizer, epoch=int(meta.get("epoch", epoch)),
+    else:
+        mismatch = name_mismatch(path, meta, run.name)
+        if mismatch:
+            raise NameMismatch(f"{path}: file name and metadata disagree: {mismatch}")
+    # the name is the identity (it agrees with the metadata when that is readable)
+    return CheckpointInfo(run=run.name, optimizer=run.optimizer, epoch=epoch,
                           step=int(meta.get("step", -1 if step is None else step)), path=path.resolve(),
                           hash=file_hash(path), meta=meta)
 
@@ -236,6 +249,8 @@ def build_catalog(root: str | Path, runs: str | None = None, epochs: EpochSpec |
                 run.checkpoints.append(checkpoint_info(run, e, s, p))
             except OSError as err:  # vanished or unreadable since the listing: nothing to hash
                 warnings.append(f"{p}: cannot read ({err.strerror or err}); checkpoint skipped")
+            except NameMismatch as err:
+                warnings.append(f"{err}; checkpoint skipped")
     return Catalog(root, found, selected, warnings)
 
 

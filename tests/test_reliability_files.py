@@ -215,6 +215,39 @@ def test_corrupt_checkpoints_become_error_rows_and_the_rest_is_analysed(tiny_ckp
     assert len(tables["evaluate"]) == 2 * 3
 
 
+def test_a_checkpoint_whose_name_and_metadata_disagree_is_skipped_naming_both(tiny_ckpts):
+    """Renamed or copied checkpoints would give a second set of rows for one (run, epoch, step): each is
+    skipped with one warning naming the file and both values, in a real analyze run."""
+    trunk, sgd = tiny_ckpts / TRUNK, tiny_ckpts / SGD
+    src = read_checkpoint(trunk / "epoch-0001.safetensors")
+    step1 = src.meta["step"]
+    hostile = {  # path -> what the warning must name
+        trunk / "epoch-0022.safetensors": "epoch 22 by its file name, 1 in its metadata",  # a byte copy
+        trunk / f"epoch-0001-step-{step1:08d}.safetensors": "a mid-epoch (step) checkpoint by its file name",
+        sgd / "epoch-0002.safetensors": f"run '{SGD}' by its folder, '{TRUNK}' in its metadata",
+        trunk / "epoch-0005.safetensors": "epoch 5 by its file name, 2 in its metadata",  # other bytes
+    }
+    for path in list(hostile)[:3]:
+        shutil.copyfile(trunk / ("epoch-0002.safetensors" if path.parent == sgd else "epoch-0001.safetensors"), path)
+    two = read_checkpoint(trunk / "epoch-0002.safetensors")
+    shutil.copyfile(two.path, trunk / "epoch-0005.safetensors")
+    rewrite_checkpoint(trunk / "epoch-0005.safetensors", tensors={k: 2 * v for k, v in two.tensors.items()})
+    proc = subprocess.run([PY, "-m", "analyze.cli", str(tiny_ckpts), "--estimators", "evaluate,weights",
+                           "--workers", "0", "--no-report"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [l for l in proc.stderr.splitlines() if "disagree" in l]
+    assert len(warnings) == 4, proc.stderr
+    for path, detail in hostile.items():
+        line = next(l for l in warnings if l.startswith(f"analyze: warning: {path}: "))
+        assert detail in line and line.endswith("checkpoint skipped"), line
+    tables = analyze.load(tiny_ckpts / "analysis")
+    evaluate = tables["evaluate"]
+    assert not evaluate.duplicated(["run", "epoch", "step", "split"]).any()
+    assert len(evaluate) == 5 * 3 and "errors" not in tables  # the five genuine checkpoints, three splits each
+    assert {(r, e) for r, e in zip(tables["weights"]["run"], tables["weights"]["epoch"])} == {
+        (TRUNK, 0), (TRUNK, 1), (TRUNK, 2), (SGD, 3), (NGD, 3)}
+
+
 # ====================================================================== names and paths
 def test_run_names_that_would_leave_the_folder_are_refused(tiny_ckpts, tmp_path, capsys):
     for bad in ("../escape", "/tmp/abs", "a/b", "..", ".hidden", "", "x\x00y", 5, None):

@@ -296,6 +296,30 @@ def read_resume_state(path: Path) -> tuple[int, int, dict]:
         raise CheckpointError(path, f"invalid resume state: safetensors panicked: {_one_line(e)}") from None
 
 
+def name_mismatch(path: Path, meta: dict[str, Any], run: str) -> str | None:
+    """How a checkpoint's metadata disagrees with its file name and run folder (None when they agree).
+
+    Rows are filed under (run, epoch, step): a file whose metadata names another epoch, step, kind or run
+    (a copy or a rename) would give a second set of rows for one checkpoint, so such a file is not used.
+    """
+    m = CKPT_RE.match(Path(path).name)
+    if not m:
+        return None
+    epoch, step = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    found = []
+    if meta.get("run") != run:
+        found.append(f"run {run!r} by its folder, {meta.get('run')!r} in its metadata")
+    if meta.get("epoch") != epoch:
+        found.append(f"epoch {epoch} by its file name, {meta.get('epoch')} in its metadata")
+    if step is not None and meta.get("step") != step:
+        found.append(f"step {step} by its file name, {meta.get('step')} in its metadata")
+    kind = meta.get("kind", "epoch")
+    if kind != ("epoch" if step is None else "step"):
+        found.append(f"{'an end-of-epoch' if step is None else 'a mid-epoch (step)'} checkpoint by its file name, "
+                     f"kind {str(kind)[:20]!r} in its metadata")
+    return "; ".join(found) or None
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, int | None, Path]]:
     """(epoch, step or None, path) of every checkpoint file in a run folder, in training order."""
     found = []

@@ -54,6 +54,37 @@ BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "d
                     "report_path", "xcorr_max_lag")
 
 
+# What each option's value must be in a config file or `analyze.run` (flags are text, typed by argparse).
+# Checked before argparse sees them: argparse applies `type` only to text defaults, so `"force": "no"`
+# would mean force and `"workers": "4"` would pass as 4.
+_TEXT, _PATH, _INT, _BOOL, _TEXTS, _EPOCHS = ("text", "a path (text)", "an integer", "true or false",
+                                              "text or a list of text", "text, an epoch or a list of them")
+OPTION_TYPES = {"out": _PATH, "runs": _TEXTS, "epochs": _EPOCHS, "scheduler": _TEXT, "workers": _INT, "force": _BOOL,
+                "device": _TEXT, "data_root": _PATH, "report": _BOOL, "report_path": _PATH, "xcorr_max_lag": _INT,
+                "estimators": _TEXTS}
+
+
+def _has_type(value: Any, kind: str, paths_ok: bool) -> bool:
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _INT:
+        return is_int(value)
+    if kind == _PATH:
+        return isinstance(value, str) or (paths_ok and isinstance(value, os.PathLike))
+    if kind == _TEXT:
+        return isinstance(value, str)
+    item = (lambda v: isinstance(v, str) or is_int(v)) if kind == _EPOCHS else (lambda v: isinstance(v, str))
+    return item(value) or (isinstance(value, (list, tuple)) and all(item(v) for v in value))
+
+
+def check_option_types(values: dict[str, Any], where: str, *, paths_ok: bool = False) -> None:
+    """UsageError naming the key (and the file) for a value of the wrong type; `where` prefixes the message."""
+    for key, kind in OPTION_TYPES.items():
+        if key in values and values[key] is not None and not _has_type(values[key], kind, paths_ok):
+            flag_ = "--" + key.replace("_", "-")
+            raise UsageError(f"{where}{key!r} must be {kind} (as {flag_} takes), not {values[key]!r}"[:300])
+
+
 class UsageError(ValueError):
     """Bad command line, config file or `analyze.run` option: `analyze: error: <message>` and exit status 2."""
 
@@ -195,6 +226,8 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
     pre, _ = first.parse_known_args(argv)
     config = read_config(pre.config) if pre.config else {}
     options = {k.replace("-", "_"): v for k, v in (options or {}).items() if v is not None}
+    check_option_types(config, f"--config {pre.config}: ")
+    check_option_types(options, "", paths_ok=True)
     selection = pre.estimators or options.get("estimators") or config.get("estimators") or ",".join(DEFAULT)
     if pre.help:
         try:
@@ -225,6 +258,7 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
         if not isinstance(section, dict):
             raise UsageError(f"--config {pre.config}: {cls.name!r} must be an object of options")
         values = {k.replace("-", "_"): v for k, v in section.items()}
+        check_section_types(values, cls, pre.config)
         values.update(sections.get(cls.name, {}))
         values.update({dest.split(":")[2]: v for dest, v in vars(args).items() if dest.startswith(f"opt:{cls.name}:")})
         try:
@@ -252,6 +286,26 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
                     force=bool(args.force), device=str(args.device), data_root=args.data_root,
                     report=bool(args.report), report_path=Path(args.report_path) if args.report_path else None,
                     xcorr_max_lag=int(args.xcorr_max_lag))
+
+
+def check_section_types(values: dict[str, Any], cls, path: str) -> None:
+    """An estimator's options in a config file: typed as JSON/TOML types (`"no"` is not false there, `"8"`
+    not 8), each error one line naming the file, the estimator and the option."""
+    from analyze.estimators.base import EstimatorError
+
+    known = {o.name: o for o in cls.options}
+    for key, value in values.items():
+        where = f"--config {path}: {cls.name}.{key}: "
+        if key not in known:
+            raise UsageError(f"{where}estimator {cls.name!r} has no option {flag(cls.name, key)}")
+        o = known[key]
+        if o.type in (bool, int, float) and isinstance(value, str):
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[o.type]
+            raise UsageError(f"{where}must be {kind} (as {flag(cls.name, key)} takes), not {value!r}"[:300])
+        try:
+            o.parse(value, cls.name)
+        except EstimatorError as e:
+            raise UsageError(f"{where}{e}") from None
 
 
 def option_sections(options: dict[str, Any], estimators: list[tuple[str, type]]) -> dict[str, dict[str, Any]]:

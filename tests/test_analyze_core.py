@@ -320,6 +320,38 @@ def test_config_file_sets_estimators_and_options_and_flags_override_it(tiny_ckpt
         parse_args([str(tiny_ckpts), "--config", str(js)])
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"force": "no"}, "'force' must be true or false (as --force takes), not 'no'"),
+    ({"report": 1}, "'report' must be true or false"),
+    ({"estimators": 7}, "'estimators' must be text or a list of text (as --estimators takes), not 7"),
+    ({"workers": "4"}, "'workers' must be an integer (as --workers takes), not '4'"),
+    ({"xcorr_max_lag": 2.5}, "'xcorr_max_lag' must be an integer"),
+    ({"epochs": {"from": 1}}, "'epochs' must be text, an epoch or a list of them"),
+    ({"runs": [1, 2]}, "'runs' must be text or a list of text"),
+    ({"out": 5}, "'out' must be a path (text)"),
+    ({"evaluate": {"batch_size": "8"}}, "evaluate.batch_size: must be an integer (as --evaluate-batch-size takes)"),
+    ({"weights": {"min_tail": 2.5}}, "weights.min_tail: --weights-min-tail: 2.5 is not a valid int"),
+    ({"evaluate": {"chains": 2}}, "evaluate.chains: estimator 'evaluate' has no option --evaluate-chains"),
+])
+def test_config_values_are_type_checked_naming_the_file_and_key(tiny_ckpts, tmp_path, capsys, config, message):
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(config))
+    assert main([str(tiny_ckpts), "--config", str(path), "--workers", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"analyze: error: --config {path}: {message}"), lines
+    assert not (tiny_ckpts / "analysis").exists()
+
+
+def test_typed_config_values_and_api_options_are_accepted_and_wrong_ones_refused(tiny_ckpts, tmp_path):
+    toml = tmp_path / "analysis.toml"
+    toml.write_text('force = false\nreport = false\nepochs = [0, "2-"]\nruns = ["*trunk"]\nworkers = 0\n')
+    s = parse_args([str(tiny_ckpts), "--config", str(toml)])
+    assert (s.force, s.report, s.workers, s.runs, s.epochs.text) == (False, False, 0, "*trunk", "0,2-")
+    with pytest.raises(ValueError, match=r"^'force' must be true or false \(as --force takes\), not 'no'$"):
+        analyze.run(tiny_ckpts, force="no")
+    assert not (tiny_ckpts / "analysis").exists()
+
+
 def test_import_analyze_is_light():
     import subprocess
     import sys

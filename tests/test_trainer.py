@@ -235,6 +235,22 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, values, key):
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"nesterov": "no"}, "invalid value for 'nesterov': 'no' must be true or false"),
+    ({"num_epochs": "3"}, "invalid value for 'num_epochs': '3' must be an integer"),
+    ({"hidden_nodes": ["8"]}, "invalid value for 'hidden_nodes': ['8'] must be a list of integers"),
+    ({"hidden_layers": [True]}, "invalid value for 'hidden_layers': [True] must be a list of integers"),
+    ({"model_type": "layers", "layers": [1]}, "invalid value for 'layers': [1] must be a list of text"),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, capsys, values, message):
+    cfg_file = tmp_path / "typed.json"
+    cfg_file.write_text(json.dumps(values))
+    assert main(["--config", str(cfg_file), "--out", str(tmp_path / "ck"), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"train-ckpts: error: {cfg_file}: {message}"]
+    assert not (tmp_path / "ck").exists()
+
+
 def test_unparseable_config_file_names_it(tmp_path, capsys):
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")

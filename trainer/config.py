@@ -242,6 +242,11 @@ def _coerce(name: str, value: Any) -> Any:
             value = [value]  # a single width/depth is a one-element list
         if not isinstance(value, list):
             raise ConfigError(f"invalid value for '{name}': {value!r} must be a list")
+        # the items too, as the flag types them: text layers, integer widths and depths
+        item_ok, kind = ((lambda v: isinstance(v, str)), "text") if name == "layers" else \
+            ((lambda v: isinstance(v, int) and not isinstance(v, bool)), "integers")
+        if not all(item_ok(v) for v in value):
+            raise ConfigError(f"invalid value for '{name}': {value!r} must be a list of {kind}")
     return value
 
 
@@ -257,7 +262,10 @@ def config_with_options(config_file: str | Path | None, options: dict[str, Any],
     accept the same options and reject bad values with the same one-line messages.
     """
     values = read_config_file(config_file) if config_file else {}
-    cfg = config_from_dict(values, source="config file")
+    try:
+        cfg = config_from_dict(values, source="config file")
+    except ConfigError as e:  # a value of the wrong type in the file: say which file
+        raise ConfigError(f"{config_file}: {e}") from None
     for key, value in options.items():
         name = key.replace("-", "_")
         if name not in FIELDS or name == "analysis_args":

@@ -185,6 +185,42 @@ def test_resume_refuses_a_different_configuration(tmp_path, make_ckpts):
         make_ckpts(out, experiment_type="standard", optimizer="sgd", num_epochs=1, sgd_lr=0.1, resume=True)
 
 
+RESUME_ARGV = ["--experiment-type", "standard", "--optimizer", "sgd", "--num-epochs", "3", "--hidden-nodes", "4",
+               "--hidden-layers", "1", "--batch-size", "64", "--quiet"]
+
+
+@pytest.mark.parametrize("damage", ["last-checkpoint-truncated", "resume-state-random", "running-and-truncated"])
+def test_resume_verifies_its_files_and_redoes_what_it_cannot_trust(tmp_path, capsys, damage):
+    """A damaged last checkpoint or resume state is not "already complete": --resume names the file, trains
+    the run again and ends with every file equal to an uninterrupted run's, byte for byte."""
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    for folder in (reference, out):
+        assert main(RESUME_ARGV + ["--out", str(folder)]) == 0
+    run, ref = out / "ffnn-1x4-sgd", reference / "ffnn-1x4-sgd"
+    if damage == "resume-state-random":
+        bad = run / "resume.safetensors"
+        bad.write_bytes(os.urandom(4096))
+    else:
+        bad = run / checkpoint_name(3)
+        bad.write_bytes(bad.read_bytes()[:100])
+    if damage == "running-and-truncated":  # killed after its last checkpoint, before run.json said complete
+        record = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    capsys.readouterr()
+    assert main(RESUME_ARGV + ["--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"[ffnn-1x4-sgd] cannot resume: {bad}: " in said and "redoing the run from its initial weights" in said
+    assert "already complete" not in said
+    for name in [checkpoint_name(e) for e in range(4)] + ["resume.safetensors"]:
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+    for log in ("steps.parquet", "epochs.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(ref / log).drop(columns="seconds", errors="ignore"),
+                                      pd.read_parquet(run / log).drop(columns="seconds", errors="ignore"))
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert main(RESUME_ARGV + ["--out", str(out), "--resume"]) == 0  # now every file checks out
+    assert "[ffnn-1x4-sgd] already complete" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------- config
 def test_study_args_file_trains(tmp_path, recwarn, capsys):
     args = tmp_path / "args_ngd_sgd.json"

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from common import checks
 from common.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
                             remove_temp_files)
-from trainer.checkpoints import (check_name, checkpoint_name, read_checkpoint, read_resume_state, save_checkpoint,
-                                 save_resume_state)
+from trainer.checkpoints import (CheckpointError, _one_line, check_name, checkpoint_name, name_mismatch,
+                                 read_checkpoint, read_resume_state, save_checkpoint, save_resume_state)
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
@@ -185,11 +185,19 @@ class RunTrainer:
             if record.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
                 raise ConfigError(f"{run_json}: --resume with a different configuration than the run was started "
                                   "with; use --overwrite to start it again")
-            if record.get("status") == "complete":
-                return None
             resume = self.run_dir / "resume.safetensors"
-            if resume.exists():
-                return self._resume_from(resume)
+            complete = record.get("status") == "complete"
+            if complete or resume.exists():
+                # Trust no file: the resume state and the checkpoint it continues from are loaded in full
+                # (and, for a complete run, must be its last epoch's) before the run counts as complete.
+                try:
+                    point = self._resume_point(resume, complete)
+                except CheckpointError as e:
+                    return self._redo(str(e))
+                if complete:
+                    return None
+                self.log(f"[{self.plan.name}] resuming after epoch {point[2] - 1} (step {point[3]})")
+                return point
         # --overwrite, or a resume of a run that never finished its first epoch: empty the folder but keep it,
         # so a reader listing the output folder meanwhile never finds a run folder vanishing under it.
         empty_folder(self.run_dir)
@@ -221,21 +229,61 @@ class RunTrainer:
         optimizer = None if p.role == "truth" else build_optimizer(p.optimizer, model.parameters())
         return model, optimizer, p.first_epoch + 1, step, [], epoch_rows
 
-    def _resume_from(self, resume_path: Path):
-        epoch, step, opt_state = read_resume_state(resume_path)
-        ckpt = read_checkpoint(self.run_dir / checkpoint_name(epoch))
-        model = build_model(self.plan.model_spec)
-        model.load_state_dict(ckpt.tensors)
+    def _resume_point(self, resume_path: Path, complete: bool):
+        """(model, optimizer, next epoch, step, steps rows, epoch rows) from the resume state and its epoch's
+        checkpoint, each loaded in full and checked against the run; CheckpointError naming the file that
+        cannot be used. A complete run must end at its last epoch."""
+        p = self.plan
+        if p.role == "truth":  # never trained: its one checkpoint is all there is
+            epoch, step, opt_state = p.last_epoch, 0, None
+        else:
+            epoch, step, opt_state = read_resume_state(resume_path)
+            if complete and epoch != p.last_epoch or not p.first_epoch < epoch <= p.last_epoch:
+                raise CheckpointError(resume_path, f"holds epoch {epoch}, not one of this run's "
+                                                   f"{'last epoch' if complete else 'epochs'} ({p.last_epoch})")
+        path = self.run_dir / checkpoint_name(epoch)
+        ckpt = read_checkpoint(path)
+        mismatch = name_mismatch(path, ckpt.meta, p.name)
+        if not mismatch and opt_state is not None and ckpt.meta["step"] != step:
+            mismatch = f"step {ckpt.meta['step']} in its metadata, {step} in the resume state"
+        if mismatch:
+            raise CheckpointError(path, f"does not match its run: {mismatch}")
+        model = build_model(p.model_spec)
+        try:
+            model.load_state_dict(ckpt.tensors)
+        except Exception as e:  # names or shapes of another model
+            raise CheckpointError(path, f"does not fit the run's model: {_one_line(e)}") from None
         model.to(self.device)
-        optimizer = build_optimizer(self.plan.optimizer, model.parameters())
-        optimizer.load_state_dict(opt_state)
+        optimizer = None
+        if opt_state is not None:
+            optimizer = build_optimizer(p.optimizer, model.parameters())
+            try:
+                optimizer.load_state_dict(opt_state)
+            except Exception as e:
+                raise CheckpointError(resume_path, f"invalid resume state: does not fit the optimizer: "
+                                                   f"{_one_line(e)}") from None
         # Logs may hold rows of an epoch whose checkpoint was written but whose resume state was not.
-        steps = pd.read_parquet(self.run_dir / "steps.parquet") if (self.run_dir / "steps.parquet").exists() else None
-        epochs = pd.read_parquet(self.run_dir / "epochs.parquet")
-        step_rows = [] if steps is None else steps[steps.epoch <= epoch].to_dict("records")
-        epoch_rows = epochs[epochs.epoch <= epoch].to_dict("records")
-        self.log(f"[{self.plan.name}] resuming after epoch {epoch} (step {step})")
-        return model, optimizer, epoch + 1, step, step_rows, epoch_rows
+        logs = {}
+        for name in ("steps", "epochs"):
+            log_path = self.run_dir / f"{name}.parquet"
+            if name == "steps" and not log_path.exists():
+                logs[name] = []
+                continue
+            try:
+                frame = pd.read_parquet(log_path)
+                logs[name] = frame[frame.epoch <= epoch].to_dict("records")
+            except Exception as e:  # missing, truncated, not Parquet, no epoch column
+                raise CheckpointError(log_path, f"cannot read: {_one_line(e)}") from None
+        return model, optimizer, epoch + 1, step, logs["steps"], logs["epochs"]
+
+    def _redo(self, problem: str):
+        """Train the run again from its start: optimizer states of earlier epochs are not kept, so no later
+        point continues it exactly. Nothing is deleted; the rewritten checkpoints have the same bytes."""
+        p = self.plan
+        start = (f"its parent's epoch {p.parent['epoch']}" if p.parent else "its initial weights (epoch 0)")
+        self.log(f"[{p.name}] cannot resume: {problem}; redoing the run from {start}")
+        atomic_write_json(self.run_dir / "run.json", self._run_record("running"))
+        return self._start_fresh()
 
     # ---------------------------------------------------------------- records
     def _epoch_row(self, model, epoch, step, train_loss, train_acc, steps, seconds) -> dict:

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from analyze.store import file_hash
 from common.checks import is_int
+from common.files import read_text
 from trainer.checkpoints import (CheckpointError, check_name, list_checkpoints, name_mismatch,
                                  read_header_metadata)
 
@@ -137,7 +138,7 @@ def read_run(run_dir: Path) -> Run:
     """
     path = run_dir / "run.json"
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(read_text(path))  # a regular file of bounded size only
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
@@ -186,12 +187,13 @@ def read_run(run_dir: Path) -> Run:
 
 def find_runs(root: Path) -> tuple[list[Run], list[str]]:
     """Valid runs under `root` (its sub-folders with run.json, or `root` itself), and warning lines."""
-    subfolders = [] if (root / "run.json").is_file() else sorted(
+    # exists(), not is_file(): a run.json that is a FIFO or a link to a device is reported (read_run), not ignored
+    subfolders = [] if (root / "run.json").exists() else sorted(
         p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    folders = [root] if (root / "run.json").is_file() else [p for p in subfolders if (p / "run.json").is_file()]
+    folders = [root] if (root / "run.json").exists() else [p for p in subfolders if (p / "run.json").exists()]
     runs, warnings = [], []
     for folder in subfolders:  # checkpoints without the run record that says what they are: say so, skip them
-        if not (folder / "run.json").is_file() and next(folder.glob("epoch-*.safetensors"), None) is not None:
+        if not (folder / "run.json").exists() and next(folder.glob("epoch-*.safetensors"), None) is not None:
             warnings.append(f"{folder}: checkpoints but no run.json; folder skipped")
     for folder in folders:
         try:

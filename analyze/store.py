@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from common.atomic import atomic_write, atomic_write_json, atomic_write_parquet, remove_temp_files
+from common.files import open_regular
 
 KEY_COLUMNS = ("run", "optimizer", "epoch", "step", "ckpt_hash", "config_hash")
 KEY_DTYPES = {"run": str, "optimizer": str, "epoch": "int64", "step": "int64", "ckpt_hash": str, "config_hash": str}
@@ -53,7 +54,7 @@ def _check_key(key: str) -> str:
 def file_hash(path: str | Path) -> str:
     """blake2b (128-bit) of a file's bytes: the checkpoint's identity in task keys."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or /dev/zero would never end
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from analyze.catalog import CheckpointInfo
+from common.budget import DEFAULT_BYTES
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Task:
     out: str  # the output folder (shared storage when workers run elsewhere)
     device: str = "cpu"
     data_root: str | None = None
+    max_memory: int = DEFAULT_BYTES  # bytes the checkpoint may make the loader build (common/budget.py)
 
     def keys(self) -> dict[str, Any]:
         c = self.checkpoint

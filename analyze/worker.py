@@ -21,13 +21,13 @@ from common.checks import is_foreign_panic
 
 
 @functools.lru_cache(maxsize=2)
-def cached_splits(spec_json: str, data_root: str | None, device: str):
+def cached_splits(spec_json: str, data_root: str | None, device: str, max_bytes: int):
     """The dataset a spec describes, loaded once per worker process (and per device)."""
     import torch
 
     from trainer.data import Split, load_dataset
 
-    splits = load_dataset(json.loads(spec_json), root=data_root)
+    splits = load_dataset(json.loads(spec_json), root=data_root, max_bytes=max_bytes)
     if torch.device(device).type != "cpu":
         for name in ("train", "val", "test"):
             s = getattr(splits, name)
@@ -47,7 +47,8 @@ def compute(task: Task) -> dict:
     from analyze.estimators import load_class
     from analyze.estimators.base import Context
     from analyze.store import KEY_COLUMNS, config_hash, file_hash
-    from trainer.checkpoints import load_model
+    from common.budget import OverBudget
+    from trainer.checkpoints import CheckpointError, load_model
     from trainer.losses import nll_loss
 
     cls = load_class(task.ref)
@@ -58,11 +59,15 @@ def compute(task: Task) -> dict:
     path = task.checkpoint.path
     if file_hash(path) != task.checkpoint.hash:
         raise TaskError(f"{path}: changed since analyze started; run analyze again")
-    model, ckpt = load_model(path, task.device)
+    model, ckpt = load_model(path, task.device, task.max_memory)
     ctx = Context(model=model, checkpoint=CheckpointInfo(**{**vars(task.checkpoint), "meta": ckpt.meta}),
                   device=torch.device(task.device))
     if cls.needs_data:
-        ctx.splits = cached_splits(json.dumps(ckpt.meta["dataset_spec"], sort_keys=True), task.data_root, task.device)
+        try:
+            ctx.splits = cached_splits(json.dumps(ckpt.meta["dataset_spec"], sort_keys=True), task.data_root,
+                                       task.device, task.max_memory)
+        except OverBudget as e:  # the checkpoint's dataset spec asks for it: name the file
+            raise CheckpointError(path, f"dataset spec: {e}") from None
         ctx.loss_fn = nll_loss(ctx.splits.task, ctx.splits.noise_sigma)
         ctx.per_sample_loss = nll_loss(ctx.splits.task, ctx.splits.noise_sigma, reduction="none")
     result = estimator.run(ctx)

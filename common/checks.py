@@ -10,6 +10,12 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message as one short line, for messages that name the file or option first."""
+    text = str(e).strip() or repr(e)
+    return text.splitlines()[0][:300]
+
+
 def is_foreign_panic(e: BaseException) -> bool:
     """A Rust panic surfacing through pyo3 (say, inside safetensors): PanicException derives from
     BaseException, not Exception, so `except Exception` misses it."""

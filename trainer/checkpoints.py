@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common import budget
 from common.atomic import atomic_write_bytes
-from common.checks import is_foreign_panic
+from common.checks import is_foreign_panic, one_line
+from common.files import open_regular, read_regular
 
 FORMAT = "ckpt-dynamics/1"
 CKPT_RE = re.compile(r"^epoch-([0-9]{4,})(?:-step-([0-9]{8,}))?\.safetensors$")
@@ -83,14 +85,15 @@ class Checkpoint:
     meta: dict[str, Any]  # parsed: epoch/step ints, specs dicts, losses floats
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, max_bytes: int = budget.DEFAULT_BYTES) -> Checkpoint:
     """Read and validate a checkpoint. Any problem raises CheckpointError naming the file.
 
-    Only the safetensors format and JSON are parsed: nothing is unpickled or evaluated.
+    Only the safetensors format and JSON are parsed: nothing is unpickled or evaluated. Only a regular
+    file of at most `max_bytes` (the memory cap) is read.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, max_bytes)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     try:
@@ -98,18 +101,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         tensors = st_load(data)
     except Exception as e:  # SafetensorError, KeyError for a dtype torch lacks, MemoryError, ...
         raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
-                                    f"{type(e).__name__}: {_one_line(e)}") from None
+                                    f"{type(e).__name__}: {one_line(e)}") from None
     except BaseException as e:
         if not is_foreign_panic(e):
             raise
         raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): "
-                                    f"safetensors panicked: {_one_line(e)}") from None
+                                    f"safetensors panicked: {one_line(e)}") from None
     return Checkpoint(path, tensors, parse_metadata(path, meta))
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or repr(e)
-    return text.splitlines()[0][:300]
 
 
 def _header_dict(header_bytes: bytes) -> dict[str, str]:
@@ -147,7 +145,7 @@ def read_header_metadata(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError("file shorter than the safetensors header")
@@ -161,7 +159,7 @@ def read_header_metadata(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {_one_line(e)}") from None
+        raise CheckpointError(path, f"not a valid safetensors file (truncated or corrupt?): {one_line(e)}") from None
     return parse_metadata(path, meta)
 
 
@@ -201,21 +199,23 @@ def parse_metadata(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     return parsed
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "cpu", max_bytes: int = budget.DEFAULT_BYTES):
     """Rebuild the model a checkpoint describes and load its weights. Returns (model, Checkpoint).
 
     The spec is untrusted: the model is first built on torch's "meta" device (shapes only, no memory),
-    its parameter names, shapes and dtypes are compared with the file's tensors, and only a spec that
-    matches the file is built for real. Any problem raises CheckpointError naming the file.
+    its parameter names, shapes and dtypes are compared with the file's tensors, what building and running
+    it takes (parameters, shape probe, a batch's activations) is checked against the memory cap `max_bytes`,
+    and only a spec that passes both is built for real. Any problem raises CheckpointError naming the file.
     """
-    from trainer.models import build_model
+    from trainer.models import build_bytes, build_model
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, max_bytes)
     try:
         with torch.device("meta"):
             skeleton = build_model(ckpt.meta["model_spec"])
+        need = build_bytes(ckpt.meta["model_spec"])
     except Exception as e:  # ValueError from the spec checks; anything else the builders raise
-        raise CheckpointError(ckpt.path, f"invalid model spec: {_one_line(e)}") from None
+        raise CheckpointError(ckpt.path, f"invalid model spec: {one_line(e)}") from None
     expected = skeleton.state_dict()
     if set(expected) != set(ckpt.tensors):
         extra, lacking = set(ckpt.tensors) - set(expected), set(expected) - set(ckpt.tensors)
@@ -227,12 +227,17 @@ def load_model(path: str | Path, device: str = "cpu"):
             raise CheckpointError(ckpt.path, f"tensor {name!r} has shape {tuple(t.shape)} {t.dtype}, "
                                              f"the model spec needs {tuple(expected[name].shape)} {expected[name].dtype}")
     del skeleton, expected
+    # after the comparison: parameters that match the file are bounded by it; what remains is the activations
+    try:
+        budget.check(need, max_bytes, "its model spec (parameters, and activations of a 64-sample batch)")
+    except budget.OverBudget as e:
+        raise CheckpointError(ckpt.path, str(e)) from None
     try:
         with torch.device("cpu"):
             model = build_model(ckpt.meta["model_spec"])
         model.load_state_dict(ckpt.tensors)
     except Exception as e:
-        raise CheckpointError(ckpt.path, f"cannot rebuild the model: {_one_line(e)}") from None
+        raise CheckpointError(ckpt.path, f"cannot rebuild the model: {one_line(e)}") from None
     return model.to(device).eval(), ckpt
 
 
@@ -275,9 +280,9 @@ def save_resume_state(path: Path, *, epoch: int, step: int, optimizer_state: dic
     return atomic_write_bytes(path, st_bytes(tensors, meta))
 
 
-def read_resume_state(path: Path) -> tuple[int, int, dict]:
+def read_resume_state(path: Path, max_bytes: int = budget.DEFAULT_BYTES) -> tuple[int, int, dict]:
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, max_bytes)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     try:
@@ -289,11 +294,11 @@ def read_resume_state(path: Path) -> tuple[int, int, dict]:
             raise ValueError("not an optimizer state")
         return epoch, step, state
     except Exception as e:  # SafetensorError, ValueError, KeyError, TypeError, RecursionError, ...
-        raise CheckpointError(path, f"invalid resume state: {type(e).__name__}: {_one_line(e)}") from None
+        raise CheckpointError(path, f"invalid resume state: {type(e).__name__}: {one_line(e)}") from None
     except BaseException as e:
         if not is_foreign_panic(e):
             raise
-        raise CheckpointError(path, f"invalid resume state: safetensors panicked: {_one_line(e)}") from None
+        raise CheckpointError(path, f"invalid resume state: safetensors panicked: {one_line(e)}") from None
 
 
 def name_mismatch(path: Path, meta: dict[str, Any], run: str) -> str | None:

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.budget import DEFAULT_GB
+from common.checks import one_line
+from common.files import read_text
+
 
 class ConfigError(ValueError):
     """A bad configuration value or file; the message names the key or file."""
@@ -93,6 +97,8 @@ class TrainConfig:
     overwrite: bool = _opt(False, "replace existing runs of the same name")
     resume: bool = _opt(False, "continue interrupted runs from their last complete epoch")
     quiet: bool = _opt(False, "no progress bars")
+    max_memory_gb: float = _opt(DEFAULT_GB, "memory cap (GB) for the models and the teacher dataset the options ask "
+                                            "for, checked before anything is allocated")
     # Keys of the study's args file that belong to the analysis; kept in run.json, unused here.
     analysis_args: dict[str, Any] = field(default_factory=dict, metadata={"help": None})
 
@@ -118,6 +124,8 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 fail(key, f"{v!r} must be a positive number")
+        if not isinstance(self.max_memory_gb, (int, float)) or not self.max_memory_gb > 0:
+            fail("max_memory_gb", f"{self.max_memory_gb!r} must be a positive number")
         for key in ("alpha", "epsilon", "delta"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -197,9 +205,12 @@ ANALYSIS_KEYS = {"hessian", "num_hessian_batches", "sampler", "num_chains", "num
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON/TOML config, or the study's args file (a JSON list of three objects), into a flat dict."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = read_text(path)  # a regular file of bounded size: a FIFO or /dev/zero would hang or exhaust memory
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read ({getattr(e, 'strerror', None) or one_line(e)})") from None
     try:
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import budget
+from common.checks import is_int
+
 
 class DataError(RuntimeError):
     """A dataset that cannot be loaded; the message names the folder and files expected."""
@@ -91,8 +94,35 @@ DEBIAN_FOLDERS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 
 
-def load_dataset(spec: dict[str, Any], root: str | None = None) -> Splits:
-    """Rebuild the splits a spec describes; `root` overrides the spec's data folder (another machine)."""
+def dataset_bytes(spec: dict[str, Any]) -> float:
+    """Memory that building a dataset spec's splits takes, by arithmetic (nothing is allocated).
+
+    The files on disk bound the real datasets; a teacher dataset is made from the spec's numbers alone:
+    its inputs and targets (kept twice: whole and split), the teacher net's parameters, one forward pass
+    over every sample at its widest layer, and the orthogonal frames (k x k per width) of teacher_rank.
+    """
+    if spec.get("name") != "teacher":
+        return 0.0
+    from trainer.models import build_bytes
+
+    samples, dim, outputs = (spec.get(k) for k in ("samples", "input_dim", "outputs"))
+    if not all(is_int(v) and v >= 1 for v in (samples, dim, outputs)):
+        raise DataError("teacher dataset spec: 'samples', 'input_dim' and 'outputs' must be positive integers")
+    teacher = spec.get("teacher_model")
+    try:
+        params = build_bytes(teacher)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"teacher dataset spec: 'teacher_model': {str(e).splitlines()[0][:200]}") from None
+    widths = [dim, outputs] + ([teacher["hidden_nodes"]] if teacher.get("hidden_layers") else [])
+    frames = 4.0 * sum(float(k) * k for k in widths) if "teacher_rank" in spec else 0.0
+    return params + frames + 4.0 * samples * (2 * max(widths) + 2 * (dim + outputs))
+
+
+def load_dataset(spec: dict[str, Any], root: str | None = None, max_bytes: int = budget.DEFAULT_BYTES) -> Splits:
+    """Rebuild the splits a spec describes; `root` overrides the spec's data folder (another machine).
+
+    budget.OverBudget, before anything is allocated, for a spec whose data would not fit `max_bytes`."""
+    budget.check(dataset_bytes(spec), max_bytes, "the teacher dataset")
     name = spec.get("name")
     if name == "digits":
         splits = _digits(spec)

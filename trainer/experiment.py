@@ -19,16 +19,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import checks
+from common import budget, checks
 from common.atomic import (LockBusy, atomic_write_json, atomic_write_parquet, empty_folder, folder_lock, is_temp_file,
                             remove_temp_files)
-from trainer.checkpoints import (CheckpointError, _one_line, check_name, checkpoint_name, name_mismatch,
+from common.files import read_text
+from trainer.checkpoints import (CheckpointError, check_name, checkpoint_name, name_mismatch,
                                  read_checkpoint, read_resume_state, save_checkpoint, save_resume_state)
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
 from trainer.loop import NonFiniteLoss, evaluate, train_epoch
-from trainer.models import build_model, family_name, model_spec_from_config
+from trainer.models import build_bytes, build_model, family_name, model_spec_from_config
 from trainer.optim.factory import build_optimizer, optimizer_settings
 from trainer.truth import true_learning_coefficient
 
@@ -91,6 +92,10 @@ def fingerprint(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict) -> dict[str
             "last_epoch": plan.last_epoch, "parent": plan.parent, "ckpt_every_steps": cfg.ckpt_every_steps}
 
 
+# The option that sizes each kind of model: the one to name when its model cannot be built.
+MODEL_OPTION = {"ffnn": "hidden_nodes", "dlnn": "hidden_nodes", "cnn": "hidden_conv_layers", "layers": "layers"}
+
+
 def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
     """Train every run the config describes. Returns {run name: status}."""
     cfg.validate()
@@ -100,15 +105,26 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
         raise ConfigError(f"invalid value for 'device': {e}") from None
     out = Path(cfg.out)
     dataset_spec = dataset_spec_from_config(cfg)
-    splits = load_dataset(dataset_spec)
+    limit = budget.cap_bytes(cfg.max_memory_gb)
+    try:
+        splits = load_dataset(dataset_spec, max_bytes=limit)
+    except budget.OverBudget as e:
+        raise ConfigError(f"invalid value for 'teacher_samples', 'teacher_input_dim' or 'teacher_hidden_nodes': {e}") from None
     specs = model_spec_from_config(cfg, splits.input_shape, splits.outputs)
-    for spec in specs:  # fail on an unbuildable model before anything is written
+    option = MODEL_OPTION[cfg.model_type]
+    for spec in specs:  # fail on an unbuildable or too large model before anything is allocated or written
         try:
+            budget.check(build_bytes(spec), limit, f"the model {family_name(spec)}")
             build_model(spec)
-        except ValueError as e:
-            raise ConfigError(f"invalid value for '{'layers' if cfg.model_type == 'layers' else 'model_type'}': {e}") from None
+        except ValueError as e:  # OverBudget included
+            raise ConfigError(f"invalid value for '{option}': {e}") from None
     plans = plan_runs(cfg, specs)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"invalid value for 'out': {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission: nothing was trained, so no --resume hint
+        raise ConfigError(f"invalid value for 'out': cannot create folder {out} ({e.strerror or e})") from None
     try:
         with folder_lock(out, wait=False):  # one train-ckpts per output folder (a flock on the folder itself)
             return _train_plans(plans, cfg, splits, dataset_spec, out, device, log)
@@ -176,7 +192,7 @@ class RunTrainer:
         remove_temp_files([self.run_dir], everything=True)
         if run_json.exists() and self.cfg.resume:
             try:
-                record = json.loads(run_json.read_text())
+                record = json.loads(read_text(run_json))  # a regular file of bounded size only
             except (OSError, ValueError, RecursionError) as e:
                 raise ConfigError(f"{run_json}: cannot read ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
                                   "use --overwrite to start the run again") from None
@@ -252,7 +268,7 @@ class RunTrainer:
         try:
             model.load_state_dict(ckpt.tensors)
         except Exception as e:  # names or shapes of another model
-            raise CheckpointError(path, f"does not fit the run's model: {_one_line(e)}") from None
+            raise CheckpointError(path, f"does not fit the run's model: {checks.one_line(e)}") from None
         model.to(self.device)
         optimizer = None
         if opt_state is not None:
@@ -261,7 +277,7 @@ class RunTrainer:
                 optimizer.load_state_dict(opt_state)
             except Exception as e:
                 raise CheckpointError(resume_path, f"invalid resume state: does not fit the optimizer: "
-                                                   f"{_one_line(e)}") from None
+                                                   f"{checks.one_line(e)}") from None
         # Logs may hold rows of an epoch whose checkpoint was written but whose resume state was not.
         logs = {}
         for name in ("steps", "epochs"):
@@ -273,7 +289,7 @@ class RunTrainer:
                 frame = pd.read_parquet(log_path)
                 logs[name] = frame[frame.epoch <= epoch].to_dict("records")
             except Exception as e:  # missing, truncated, not Parquet, no epoch column
-                raise CheckpointError(log_path, f"cannot read: {_one_line(e)}") from None
+                raise CheckpointError(log_path, f"cannot read: {checks.one_line(e)}") from None
         return model, optimizer, epoch + 1, step, logs["steps"], logs["epochs"]
 
     def _redo(self, problem: str):

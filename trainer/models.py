@@ -42,6 +42,30 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model spec does not give a working model: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
+# Activations are counted for a batch this large: a model is built to be run on batches (the estimators'
+# smallest default is 256), so one whose activations for a small batch exceed the memory cap is of no use,
+# and its one-sample shape probe, a 64th of that, is refused with it before it allocates.
+BUDGET_BATCH = 64
+
+
+def build_bytes(spec: dict[str, Any]) -> float:
+    """Memory the model a spec describes takes: its parameters, and the largest step (input and output)
+    of a forward pass over BUDGET_BATCH samples; the shape probe the cnn and layer-list builders run is
+    that pass for one sample. Computed on the meta device, so nothing is allocated; ValueError for a spec
+    build_model refuses."""
+    with torch.device("meta"):
+        model = build_model(spec)
+        x = torch.zeros(1, *spec["input_shape"])
+        probe = 0
+        with torch.no_grad():
+            for module in model:
+                y = module(x)
+                probe = max(probe, x.numel() + y.numel())
+                x = y
+    params = sum(float(t.numel()) * t.element_size() for t in model.state_dict().values())
+    return params + 4.0 * BUDGET_BATCH * probe  # float32 activations
+
+
 def validate_spec(spec: Any) -> None:
     """Check a model spec's keys and value types (the builders trust them)."""
     if not isinstance(spec, dict):

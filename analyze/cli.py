@@ -17,7 +17,9 @@ from typing import Any
 
 from analyze.estimators import DEFAULT, ENTRY_POINT_GROUP, parse_list, registered, resolve
 from analyze.summary import AnalysisResult
-from common.checks import check_device, is_int
+from common import budget
+from common.checks import check_device, is_int, one_line
+from common.files import read_text
 
 PROG = "analyze"
 DESCRIPTION = """\
@@ -51,17 +53,18 @@ one analyze at a time per OUT: a second one started on the same OUT waits for th
 exit status: 0 all tasks done, 1 some task failed (rows in OUT/errors) or OUT could not be written,
   2 bad usage, 130 interrupted."""
 BASE_CONFIG_KEYS = ("out", "runs", "epochs", "scheduler", "workers", "force", "device", "data_root", "report",
-                    "report_path", "xcorr_max_lag")
+                    "report_path", "xcorr_max_lag", "max_memory_gb", "debug")
 
 
 # What each option's value must be in a config file or `analyze.run` (flags are text, typed by argparse).
 # Checked before argparse sees them: argparse applies `type` only to text defaults, so `"force": "no"`
 # would mean force and `"workers": "4"` would pass as 4.
-_TEXT, _PATH, _INT, _BOOL, _TEXTS, _EPOCHS = ("text", "a path (text)", "an integer", "true or false",
-                                              "text or a list of text", "text, an epoch or a list of them")
+_TEXT, _PATH, _INT, _BOOL, _TEXTS, _EPOCHS, _NUMBER = ("text", "a path (text)", "an integer", "true or false",
+                                                       "text or a list of text", "text, an epoch or a list of them",
+                                                       "a number")
 OPTION_TYPES = {"out": _PATH, "runs": _TEXTS, "epochs": _EPOCHS, "scheduler": _TEXT, "workers": _INT, "force": _BOOL,
                 "device": _TEXT, "data_root": _PATH, "report": _BOOL, "report_path": _PATH, "xcorr_max_lag": _INT,
-                "estimators": _TEXTS}
+                "estimators": _TEXTS, "max_memory_gb": _NUMBER, "debug": _BOOL}
 
 
 def _has_type(value: Any, kind: str, paths_ok: bool) -> bool:
@@ -69,6 +72,8 @@ def _has_type(value: Any, kind: str, paths_ok: bool) -> bool:
         return isinstance(value, bool)
     if kind == _INT:
         return is_int(value)
+    if kind == _NUMBER:
+        return is_int(value) or isinstance(value, float)
     if kind == _PATH:
         return isinstance(value, str) or (paths_ok and isinstance(value, os.PathLike))
     if kind == _TEXT:
@@ -126,6 +131,11 @@ def base_parser() -> Parser:
     p.add_argument("--device", default="cpu", help="torch device the workers use (default: cpu)")
     p.add_argument("--data-root", metavar="DIR",
                    help="dataset folder, overriding the one stored in the checkpoints (data on another machine)")
+    p.add_argument("--max-memory-gb", metavar="GB", type=float, default=budget.DEFAULT_GB,
+                   help="memory cap for what one checkpoint makes a worker build (model, shape probe, teacher "
+                        "dataset); a checkpoint that needs more is an error row (default: %(default)s)")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks and dask's logs (default: one line per problem)")
     return p
 
 
@@ -163,9 +173,11 @@ def help_text(selected: list[type]) -> str:
 
 def read_config(path: str) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = read_text(path)  # a regular file of bounded size: a FIFO or /dev/zero would hang or exhaust memory
     except OSError as e:
         raise UsageError(f"--config {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not UTF-8 text") from None
     try:
         config = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
@@ -190,6 +202,8 @@ class Settings:
     report: bool = True
     report_path: Path | None = None
     xcorr_max_lag: int = 10
+    max_memory_gb: float = budget.DEFAULT_GB
+    debug: bool = False
 
 
 def select_estimators(text) -> list[tuple[str, type]]:
@@ -218,6 +232,7 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
     """
     from analyze.catalog import EpochSpec, EpochSpecError
     from analyze.estimators.base import EstimatorError
+    from analyze.scheduler import SchedulerError, check_address
 
     first = Parser(prog=PROG, add_help=False, allow_abbrev=False)
     first.add_argument("--estimators")
@@ -270,6 +285,13 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
     if not ckpt_dir.is_dir():
         what = "is a file, not a folder of runs" if ckpt_dir.exists() else "no such directory"
         raise UsageError(f"CKPT_DIR {ckpt_dir}: {what}")
+    if not (isinstance(args.max_memory_gb, (int, float)) and args.max_memory_gb > 0):
+        raise UsageError(f"--max-memory-gb: {args.max_memory_gb!r} is not a positive number of GB")
+    if args.scheduler is not None:
+        try:
+            check_address(str(args.scheduler))
+        except SchedulerError as e:
+            raise UsageError(str(e)) from None
     if not is_int(args.workers) or args.workers < 0:
         raise UsageError(f"--workers: {args.workers!r} is not a number of workers (0 or more)")
     try:
@@ -285,7 +307,8 @@ def parse_args(argv: list[str], options: dict[str, Any] | None = None) -> Settin
                     workers=args.workers,
                     force=bool(args.force), device=str(args.device), data_root=args.data_root,
                     report=bool(args.report), report_path=Path(args.report_path) if args.report_path else None,
-                    xcorr_max_lag=int(args.xcorr_max_lag))
+                    xcorr_max_lag=int(args.xcorr_max_lag), max_memory_gb=float(args.max_memory_gb),
+                    debug=bool(args.debug))
 
 
 def check_section_types(values: dict[str, Any], cls, path: str) -> None:
@@ -352,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         from analyze.llc.calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
+    from analyze.runner import SchedulerLost
+
+    debug = "--debug" in argv  # tracebacks only on request: one line per problem otherwise
     try:
         settings = parse_args(argv)
         if isinstance(settings, str):
@@ -362,12 +388,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the output folder cannot be written (full disk, permissions): one line naming the file
+        _traceback(debug)
         print(f"{PROG}: error: {e}; finished tasks are kept", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; finished tasks are kept: run the same command again to do the rest",
-              file=sys.stderr)
+    except SchedulerLost as e:
+        _traceback(debug)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        _traceback(debug)
+        done = f" ({e})" if str(e) else ""
+        print(f"\n{PROG}: interrupted; rerun to resume{done}; finished tasks are kept", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a problem with the input: still one line, the traceback on request
+        _traceback(debug)
+        print(f"{PROG}: error: internal error: {type(e).__name__}: {one_line(e)}"
+              + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
 
 
 def check_out(out: Path, ckpt_dir: Path, runs) -> None:
@@ -424,6 +468,7 @@ def _print_warnings(warnings: list[str]) -> None:
 def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
     from analyze.catalog import runs_frame, training_log
     from analyze.runner import execute, plan_tasks
+    from analyze.scheduler import SchedulerError
     from analyze.summary import last_estimates, summarize
 
     log_warnings: list[str] = []
@@ -431,7 +476,8 @@ def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
     _print_warnings(log_warnings)
     store.remove_stale_temp_files()
     store.write_run_tables(runs_frame(catalog.runs), training)
-    plan = plan_tasks(catalog, s.estimators, store, force=s.force, device=s.device, data_root=s.data_root)
+    plan = plan_tasks(catalog, s.estimators, store, force=s.force, device=s.device, data_root=s.data_root,
+                      max_memory=budget.cap_bytes(s.max_memory_gb))
     superseded = store.remove_superseded({(str(t.checkpoint.path), t.estimator, t.config_hash): t.key
                                           for t in plan.todo + plan.done})
     if superseded:
@@ -441,11 +487,13 @@ def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
           f"{len(s.estimators)} estimator(s): {len(plan.todo)} task(s) to compute, {len(plan.done)} already complete",
           file=sys.stderr)
     try:
-        statuses = execute(plan.todo, scheduler=s.scheduler, workers=s.workers)
+        statuses = execute(plan.todo, scheduler=s.scheduler, workers=s.workers, debug=s.debug)
     except OSError as e:  # includes the connection errors of a scheduler that is not there
         if s.scheduler:
             raise UsageError(f"--scheduler {s.scheduler}: cannot connect ({e})") from None
         raise
+    except SchedulerError as e:  # no dask scheduler answers there (runner.dask_client's probe)
+        raise UsageError(str(e)) from None
     post_ok = post_process(s, store) if s.report else True
     rows = summarize(catalog, plan, statuses)
     estimates = last_estimates(store)

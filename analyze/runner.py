@@ -9,12 +9,14 @@ Faults: a task's own failure comes back as a failed status (the worker wrote its
 process that dies mid-task is dask's business: the scheduler reschedules the task on another worker,
 and the retry rewrites the task's parts from scratch; only when dask gives up (the task's workers died
 more than `distributed.scheduler.allowed-failures` times: KilledWorker) does the client write the
-error row.
+error row. A scheduler that dies (or whose connection is lost) fails no task: the run stops with
+SchedulerLost, and Ctrl-C with Interrupted, both counting the finished tasks (which are kept).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 import sys
 from contextlib import contextmanager
@@ -22,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from analyze.catalog import Catalog
+from analyze.scheduler import probe
 from analyze.store import Store, config_hash, task_key
 from analyze.task import Task, record_error
 from analyze.worker import run_task
+from common.budget import DEFAULT_BYTES
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Plan:
 
 
 def plan_tasks(catalog: Catalog, estimators: Iterable[tuple[str, Any]], store: Store, *, force: bool = False,
-               device: str = "cpu", data_root: str | None = None) -> Plan:
+               device: str = "cpu", data_root: str | None = None, max_memory: int = DEFAULT_BYTES) -> Plan:
     """One task per (checkpoint, estimator config); `estimators` holds (module:Class, instance) pairs."""
     complete = set() if force else store.completed()
     plan = Plan([], [])
@@ -44,27 +48,58 @@ def plan_tasks(catalog: Catalog, estimators: Iterable[tuple[str, Any]], store: S
             config = est.config()
             task = Task(key=task_key(ckpt.hash, est.name, config), estimator=est.name, ref=ref, options=dict(est.opts),
                         config_hash=config_hash(config), checkpoint=ckpt, out=str(store.root.resolve()),
-                        device=device, data_root=data_root)
+                        device=device, data_root=data_root, max_memory=max_memory)
             (plan.done if task.key in complete else plan.todo).append(task)
     return plan
 
 
-def quiet_dask_logs() -> None:
-    """Keep dask's INFO chatter (and shutdown warnings) out of the user's terminal."""
-    for name in ("distributed", "tornado", "asyncio"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the run; `finished` of `total` tasks are done and kept."""
+
+    def __init__(self, finished: int, total: int):
+        super().__init__(f"{finished} of {total} task(s) finished")
+        self.finished, self.total = finished, total
 
 
-def execute(tasks: list[Task], *, scheduler: str | None = None, workers: int = 1, progress: bool = True) -> list[dict]:
-    """Run the tasks; returns one status dict per task (`ok`, and `error`/`message` on failure)."""
+class SchedulerLost(RuntimeError):
+    """The scheduler died, or the connection to it was lost: the tasks it held are not failures."""
+
+    def __init__(self, finished: int, total: int, scheduler: str | None):
+        where = f"--scheduler {scheduler}" if scheduler else "the local cluster"
+        super().__init__(f"{where}: the scheduler died or the connection to it was lost mid-run (no task failed); "
+                         f"{finished} of {total} task(s) finished and are kept: rerun to resume")
+        self.finished, self.total = finished, total
+
+
+def quiet_dask_logs(level: int = logging.ERROR) -> None:
+    """Keep dask's INFO chatter (and shutdown warnings) out of the user's terminal. Child loggers too:
+    dask's logging config gives some (distributed.client, ...) levels of their own."""
+    prefixes = ("distributed", "tornado", "asyncio")
+    children = [n for n in logging.root.manager.loggerDict if n.startswith(tuple(p + "." for p in prefixes))]
+    for name in (*prefixes, *children):
+        if name in prefixes or logging.getLogger(name).level != logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
+
+
+def execute(tasks: list[Task], *, scheduler: str | None = None, workers: int = 1, progress: bool = True,
+            debug: bool = False) -> list[dict]:
+    """Run the tasks; returns one status dict per task (`ok`, and `error`/`message` on failure).
+
+    Raises Interrupted on Ctrl-C and SchedulerLost when the scheduler goes away (debug: dask logs shown)."""
     if not tasks:
         return []
     if scheduler is None and workers == 0:
         with progress_bar(len(tasks), progress) as bar:
-            return [_tick(bar, run_task(t)) for t in tasks]
+            done: list[dict] = []
+            try:
+                for t in tasks:
+                    done.append(_tick(bar, run_task(t)))
+            except KeyboardInterrupt:
+                raise Interrupted(len(done), len(tasks)) from None
+            return done
     # the bar closes (showing the work's time) before the cluster's shutdown
-    with dask_client(scheduler, min(workers, len(tasks))) as client, progress_bar(len(tasks), progress) as bar:
-        return _run_on_dask(client, tasks, bar)
+    with dask_client(scheduler, min(workers, len(tasks)), debug) as client, progress_bar(len(tasks), progress) as bar:
+        return _run_on_dask(client, tasks, bar, scheduler)
 
 
 def progress_bar(total: int, enabled: bool):
@@ -74,40 +109,65 @@ def progress_bar(total: int, enabled: bool):
 
 
 @contextmanager
-def dask_client(scheduler: str | None, workers: int):
+def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     """A client of the cluster at `scheduler`, or of a local cluster of single-threaded worker processes."""
     from distributed import Client, LocalCluster
 
-    quiet_dask_logs()
+    if not debug:
+        quiet_dask_logs()
     if scheduler:
+        probe(scheduler)  # a server that is not dask would hang Client() for ever
         client = Client(scheduler, timeout="20s")
         if not client.scheduler_info().get("workers"):
             print(f"analyze: waiting for workers to join {scheduler}", file=sys.stderr)
         try:
-            yield client
+            with _quiet_if_cut_short(debug):
+                yield client
         finally:
             client.close()
         return
     # With the dashboard off the scheduler still serves /health on 8787, or on a free port when another
     # cluster holds it; the fallback is harmless, so its warning is noise.
     warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
-    with LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    # The worker processes start with SIGINT ignored (a disposition spawned processes inherit), so Ctrl-C
+    # in the terminal interrupts this process only: it stops the work, and the workers do not print a
+    # traceback each. (Workers a nanny restarts later do not inherit it.)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.DEBUG if debug else logging.ERROR)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with cluster, Client(cluster) as client, _quiet_if_cut_short(debug):
         yield client
 
 
-def _run_on_dask(client, tasks: list[Task], bar) -> list[dict]:
+@contextmanager
+def _quiet_if_cut_short(debug: bool):
+    """The shutdown of a cluster whose work was cut short (Ctrl-C, a lost scheduler) logs errors and
+    tracebacks nobody can act on: silence dask's logs before it, unless debugging."""
+    try:
+        yield
+    except BaseException:
+        if not debug:
+            quiet_dask_logs(logging.CRITICAL + 1)
+        raise
+
+
+def _run_on_dask(client, tasks: list[Task], bar, scheduler: str | None = None) -> list[dict]:
     from distributed import as_completed
 
     futures = client.map(run_task, tasks, pure=False)  # pure=False: never dedupe or reuse results
     pending = dict(zip(futures, tasks))
-    statuses = []
+    statuses: list[dict] = []
     try:
         for future in as_completed(futures):
             task = pending.pop(future)
             try:
                 status = future.result()
             except Exception as e:  # dask gave up on the task (its workers died), or could not ship it
+                if scheduler_lost(client, e):  # not the task's failure: no error row
+                    raise SchedulerLost(len(statuses), len(tasks), scheduler) from None
                 message = client_side_message(e)
                 if not record_error(Store(task.out), task, e, message=message):
                     message += " (the error row could not be written either)"
@@ -116,10 +176,25 @@ def _run_on_dask(client, tasks: list[Task], bar) -> list[dict]:
                           "error": type(e).__name__, "message": message}
             statuses.append(_tick(bar, status))
             future.release()
-    except BaseException:  # Ctrl-C: stop the cluster's work; finished tasks are kept
-        client.cancel(list(pending))
+    except KeyboardInterrupt:  # Ctrl-C: stop the cluster's work; finished tasks are kept
+        _cancel(client, list(pending))
+        raise Interrupted(len(statuses), len(tasks)) from None
+    except BaseException:
+        _cancel(client, list(pending))
         raise
     return statuses
+
+
+def scheduler_lost(client, e: BaseException) -> bool:
+    """Whether a future failed because the client lost its scheduler (dask cancels every future then)."""
+    return getattr(e, "reason", None) == "scheduler-connection-lost" or client.status != "running"
+
+
+def _cancel(client, futures: list) -> None:
+    try:
+        client.cancel(futures)
+    except Exception:  # the scheduler is gone: nothing left to cancel
+        pass
 
 
 def client_side_message(e: BaseException) -> str:

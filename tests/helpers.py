@@ -46,6 +46,7 @@ class DaskCluster:
     pids: dict[str, int]  # worker address -> its process id
     workers: list[subprocess.Popen]  # worker "a", then "b"
     started: Path  # analyze_plugins.SlowNorms drops a file here as each task starts
+    scheduler: subprocess.Popen | None = None
 
 
 @contextmanager
@@ -71,7 +72,7 @@ def running_dask_cluster(folder: Path) -> Iterator[DaskCluster]:
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=90)
             pids = client.run(os.getpid)
-        yield DaskCluster(address, pids, procs[1:], started)
+        yield DaskCluster(address, pids, procs[1:], started, procs[0])
     finally:
         for proc in reversed(procs):
             stop(proc)

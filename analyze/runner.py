@@ -132,10 +132,13 @@ def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     # The worker processes start with SIGINT ignored (a disposition spawned processes inherit), so Ctrl-C
     # in the terminal interrupts this process only: it stops the work, and the workers do not print a
     # traceback each. (Workers a nanny restarts later do not inherit it.)
+    # The workers' own logs are silenced too (unless debugging): a task's failure is its error row, a
+    # worker's death a KilledWorker row, and what they log while a cluster is closed under them (heartbeat
+    # and nanny tracebacks) is noise.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.DEBUG if debug else logging.ERROR)
+                               dashboard_address=None, silence_logs=logging.DEBUG if debug else logging.CRITICAL)
     finally:
         signal.signal(signal.SIGINT, previous)
     with cluster, Client(cluster) as client, _quiet_if_cut_short(debug):

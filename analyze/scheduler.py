@@ -10,6 +10,7 @@ scheduler is asked who it is (its `identity`) with a deadline of our own.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_PORT = 8786
 PROBE_SECONDS = 15
@@ -42,7 +43,9 @@ def check_address(address: str) -> None:
 def probe(address: str, seconds: float = PROBE_SECONDS) -> None:
     """SchedulerError unless a dask scheduler at `address` answers within `seconds`."""
     try:
-        info = asyncio.run(asyncio.wait_for(_identity(address, seconds), seconds))
+        # in a thread of its own: asyncio.run cannot run inside a running event loop (Jupyter's, for analyze.run)
+        with ThreadPoolExecutor(1) as pool:
+            info = pool.submit(asyncio.run, asyncio.wait_for(_identity(address, seconds), seconds)).result()
     except (asyncio.TimeoutError, TimeoutError):
         raise SchedulerError(f"--scheduler {address}: no dask scheduler answered within {seconds:g} s "
                              "(nothing listening there, or a server that is not dask)") from None

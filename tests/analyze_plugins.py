@@ -127,3 +127,17 @@ class EscapingTable(Estimator):
 
     def run(self, ctx: Context) -> dict[str, pd.DataFrame]:
         return {"../../outside": pd.DataFrame({"x": [1]})}
+
+
+class BrokenConfig(Estimator):
+    """A bug in an estimator's own code outside its run (config raises): analyze's unexpected-error path."""
+
+    name = "brokenconfig"
+    tables = ("brokenconfig",)
+    needs_data = False
+
+    def config(self):
+        raise RuntimeError("a bug in config()")
+
+    def run(self, ctx: Context) -> dict[str, pd.DataFrame]:
+        return {}

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import analyze
+from analyze.cli import UsageError
 from analyze.cli import main as analyze_main
 from helpers import ENV
 from trainer.checkpoints import checkpoint_name, read_checkpoint, save_checkpoint
@@ -86,6 +88,8 @@ def test_the_cap_is_a_flag(tiny_ckpts, capsys):
         assert f"{path}: " in err and says in err
     assert analyze_main([str(tiny_ckpts), "--max-memory-gb", "-1"]) == 2
     assert "--max-memory-gb" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="'max_memory_gb' must be a number"):
+        analyze.run(tiny_ckpts, ["weights"], max_memory_gb="4")
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -136,6 +140,18 @@ def test_a_config_of_the_wrong_shape_is_one_line_naming_file_and_key(tiny_ckpts,
     assert analyze_main([str(tiny_ckpts), "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--config {config}: 'estimators'" in err
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_only_under_debug(tiny_ckpts, capsys):
+    args = [str(tiny_ckpts), "--workers", "0", "--no-report", "--estimators", "analyze_plugins:BrokenConfig"]
+    assert analyze_main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == ("analyze: error: internal error: RuntimeError: a bug in config() "
+                                    "(rerun with --debug for the traceback)")
+    assert "Traceback" not in err
+    assert analyze_main(args + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in config" in err
 
 
 def test_small_things_say_what_they_mean(tiny_ckpts, tmp_path, capsys):

@@ -349,6 +349,18 @@ def test_a_grid_point_still_settling_runs_again_with_a_longer_burn_in():
     assert not still_settling({**settled, "healthy": False, "left_basin": True, "drift": 9.0})
 
 
+def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
+    """Without localization the MLP's chains roam (R-hat far above 1.1) even with 3x the burn-in: the smaller steps
+    at that localization are not run (they would cost the most), while at a localization where the chains are
+    healthy every step runs."""
+    table = calibrate(mlp_context, lrs=["0.1/nbeta", "0.03/nbeta"], localizations=["0", "1000"], nbetas=["n/log n"],
+                      common=dict(chains=2, draws=60, burnin=30, batch_size="0"), progress=False)
+    free = table[table.localization_option == "0"]
+    assert len(free) == 1 and not free.healthy.iloc[0] and free.lr_option.iloc[0] == "0.1/nbeta"
+    assert free.n_burnin.iloc[0] == 90 and free.rhat.iloc[0] > 1.1  # the settling rerun ran, and did not help
+    assert len(table[table.localization_option == "1000"]) == 2
+
+
 def test_agreement_uses_the_standard_errors():
     from analyze.llc.calibrate import agree
 
@@ -440,3 +452,17 @@ def test_calibrate_says_when_the_checkpoint_is_not_at_a_minimum(mlp_context, tmp
                  "--draws", "100", "--burnin", "50", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "is not at a local minimum" in out and "recommended:" not in out
+
+
+def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
+    """An estimate whose step is unstable in the stiffest direction (as the defaults' step can be on a large, stiff
+    model) is marked in the summary and named in one warning line that points to analyze calibrate."""
+    from analyze.cli import main
+
+    common = [str(tiny_ckpts), "--estimators", "llc", "--epochs", "2", "--runs", "*trunk", "--workers", "0",
+              "--no-report", "--llc-chains", "2", "--llc-draws", "40", "--llc-burnin", "20"]
+    assert main(common + ["--llc-lr", "3/nbeta"]) == 0
+    captured = capsys.readouterr()
+    assert "NOT HEALTHY" in captured.out
+    warning = [line for line in captured.err.splitlines() if "not healthy" in line]
+    assert len(warning) == 1 and "1 of 1 LLC estimates" in warning[0] and "analyze calibrate" in warning[0]

@@ -7,7 +7,8 @@ smaller step is never judged on a shorter chain. Only steps stable at the checkp
 (eps x nbeta x lambda_max < STABLE_STEP, analyze/llc/stability.py; lambda_max is measured once): smaller
 ones (a factor 3 apart) replace the unstable ones, and equal sampling time counts from the largest stable
 step. A grid point whose chains were still settling (unhealthy by |drift| or R-hat alone) is run once more
-with SETTLE_BURNIN x the burn-in. A setting is *healthy* as an llc row is
+with SETTLE_BURNIN x the burn-in; if it is still unhealthy, the smaller steps at its localization are not run
+(at the same sampling time their chains would roam alike). A setting is *healthy* as an llc row is
 (analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
 stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
 errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
@@ -90,8 +91,18 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     for nb in nbetas:
         steps = stable_steps(lrs, parse_nbeta(nb, n), lambda_max)
         grid = [(lr, loc) for loc in localizations for lr in steps]
+        given_up: set[str] = set()
         for lr, loc in tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress, file=sys.stderr):
-            rows.append(grid_point(ctx, lr, loc, nb, steps[0], common, len(rows), lambda_max))
+            if loc in given_up:
+                continue
+            row = grid_point(ctx, lr, loc, nb, steps[0], common, len(rows), lambda_max)
+            rows.append(row)
+            if not row["healthy"]:
+                # Unhealthy after the settling rerun, with a stable step: the chains roam at this localization
+                # (they leave the basin or never settle), and smaller steps at the same sampling time would too.
+                # The localization cannot be recommended, so its smaller steps are not run: on a large model they
+                # cost the most (a 269,322-parameter MLP at gamma 1 and 10).
+                given_up.add(loc)
     table = with_recommendation(pd.DataFrame(rows), nbetas, localizations)
     return extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
 
@@ -295,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if unstable:
         print(f"not run, unstable at this checkpoint: {', '.join(unstable)}; smaller steps replace them" if any(t not in lrs for t in table.lr_option) else
               f"not run, unstable at this checkpoint: {', '.join(unstable)}")
+    runs_per_loc = table.groupby("localization_option", sort=False).size()
+    cut_short = [loc for loc, k in runs_per_loc.items() if k < runs_per_loc.max()]
+    if cut_short:
+        print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
+              "unhealthy even with 3x the burn-in")
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]

@@ -469,7 +469,7 @@ def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
     from analyze.catalog import runs_frame, training_log
     from analyze.runner import execute, plan_tasks
     from analyze.scheduler import SchedulerError
-    from analyze.summary import last_estimates, summarize
+    from analyze.summary import last_estimates, llc_health_note, summarize
 
     log_warnings: list[str] = []
     training = training_log(catalog.runs, log_warnings)
@@ -504,6 +504,9 @@ def _run_locked(s: Settings, catalog, store) -> AnalysisResult:
     result = AnalysisResult(out=store.root.resolve(), report=report, runs=rows, failures=failures,
                             tables=store.tables(), exit_code=1 if failures or not post_ok else 0)
     print(result.summary_text())
+    note = llc_health_note(store)
+    if note:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
     if report:
         print(f"report: {report}")
     if failures:

@@ -42,8 +42,26 @@ def last_estimates(store) -> dict[str, str]:
         last = frame.sort_values(["epoch", "step"]).groupby("run").tail(1)
         for row in last.itertuples():
             text = f"{label} {getattr(row, value):.3g}" + (f"±{getattr(row, error):.2g}" if error else "")
+            if table == "llc" and not getattr(row, "healthy", True):
+                text += " NOT HEALTHY"
             found.setdefault(row.run, []).append(f"{text} (epoch {row.epoch})")
     return {run: ", ".join(parts) for run, parts in found.items()}
+
+
+def llc_health_note(store) -> str | None:
+    """One line when some llc estimates are not healthy (their chains drifted, left the basin, diverged, or the
+    step was unstable): at the defaults this is what happens on large models (docs/llc.md), and such a number
+    must not pass unnoticed."""
+    from analyze.tables import read_table
+
+    if not (store.root / "llc").is_dir():
+        return None
+    frame = read_table(store.root / "llc", store.completed())
+    if frame is None or "healthy" not in frame or frame.healthy.all():
+        return None
+    return (f"{int((~frame.healthy).sum())} of {len(frame)} LLC estimates are not healthy (see the llc table's "
+            "healthy, drift, rhat, left_basin, step_curvature); choose a setting with `analyze calibrate "
+            "<checkpoint>` (docs/llc.md)")
 
 
 @dataclass

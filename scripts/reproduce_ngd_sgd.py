@@ -6,7 +6,8 @@ momentum 0.9, Nesterov, batch 128) to epoch 30, then an SGD branch and an NGD br
 epsilon 1e-10, delta 5e-4) to epoch 80. Its claim: after the swap NGD reaches a higher LLC *and* a higher
 Hessian trace than SGD. Stages, each timed and printed:
 
-1. training (train-ckpts; resumed when the output folder exists);
+1. training (train-ckpts, the two branches at once after the trunk with --jobs 2; resumed when the output
+   folder exists);
 2. calibration: `analyze calibrate` on the cut-off checkpoint; its recommendation is used for every
    checkpoint (estimates are comparable only at equal settings); the validated defaults if none qualifies;
 3. Hessian trace at every checkpoint: the exact trace (diagonal Gauss-Newton, equal to Tr(H) on a ReLU net)
@@ -168,6 +169,8 @@ def main() -> int:
     ap.add_argument("--data-root", help="dataset folder (default: Debian's dataset-fashion-mnist package)")
     ap.add_argument("--doc", help="write the results page here (e.g. docs/ngd-vs-sgd.md), its figure next to it")
     ap.add_argument("--workers", type=int, default=None, help="dask workers for analyze (default: cores)")
+    ap.add_argument("--train-jobs", type=int, default=2, help="runs trained at once (train-ckpts --jobs): the SGD "
+                    "and NGD branches are independent after the cut-off (default: %(default)s)")
     ap.add_argument("--device", default="cpu", help="torch device for training and analysis")
     ap.add_argument("--llc-batch-size", default="64", help="SGLD minibatch at the calibrated setting, with "
                     "control-variate gradients (default: %(default)s)")
@@ -206,7 +209,8 @@ def main() -> int:
 
     with stage("training", timings, log):
         run([bin_path("train-ckpts"), "--config", str(out / "args_ngd_sgd.json"), "--out", str(ckpts), *data,
-             "--device", args.device, "--quiet"] + (["--resume"] if ckpts.exists() else []))
+             "--device", args.device, "--quiet", "--jobs", str(args.train_jobs)]
+            + (["--resume"] if ckpts.exists() else []))
     with stage("calibration", timings, log):
         cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
         if not (analysis / "calibration").exists():  # a resumed run keeps its calibration

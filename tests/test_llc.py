@@ -248,23 +248,27 @@ def test_bad_options_name_the_flag(options, flag):
 
 
 def test_calibration_finds_the_truth_at_equal_sampling_time():
-    """On a regular model (lambda = 5), calibrate runs every step for the same sampling time, prefers the weakest
-    localization at which every step is healthy, and recommends a setting within 15% of the truth."""
+    """On a regular model (lambda = 5), calibrate runs every step for the same sampling time and prefers the weakest
+    localization at which every step is healthy; where its two steps disagree (step-size bias) it tries a smaller
+    step there before accepting a stronger localization, and recommends a setting within 15% of the truth."""
     ctx = linear_regression_context(10)
-    table = calibrate(ctx, lrs=["0.03/nbeta", "0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
+    table = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
                       nbetas=["n/log n"], common=dict(chains=4, draws=300, burnin=100, batch_size="0"),
                       progress=False)
-    assert len(table) == 6 and table.recommended.sum() == 1
     time_budget = table.n_draws * table.lr_nbeta
-    assert np.allclose(time_budget, time_budget.iloc[0], rtol=0.01)  # a 3x smaller step runs 3x longer
+    assert np.allclose(time_budget, time_budget.iloc[0], rtol=0.02)  # a 3x smaller step runs 3x longer
+    weak = table[table.localization_option == "1"].set_index("lr_option")
+    assert not weak.loc["0.1/nbeta", "agrees_with_larger_step"]  # the step-size bias of the largest step
+    # the smaller step was added at the weak localization, not at the strong one, and it is the recommendation
+    assert len(table) == 5 and list(weak.index) == ["0.3/nbeta", "0.1/nbeta", "0.033/nbeta"]
+    assert table.recommended.sum() == 1
     rec = table[table.recommended].iloc[0]
-    assert rec.localization_option == "1" and rec.healthy and rec.agrees_with_larger_step
+    assert rec.lr_option == "0.033/nbeta" and rec.localization_option == "1"
+    assert rec.healthy and rec.agrees_with_larger_step
     assert abs(rec.llc_mean - 5) < 0.15 * 5
     # gamma 1000 is healthy too, but pulls the estimate far below the truth: the weaker localization wins
     strong = table[(table.localization_option == "1000") & (table.lr_option != "0.3/nbeta")]
     assert (strong.llc_mean < 0.6 * 5).all()
-    weak = table[table.localization_option == "1"].set_index("lr_option")
-    assert not weak.loc["0.1/nbeta", "agrees_with_larger_step"]  # the step-size bias of the largest step
     # the stability product eps x nbeta x lambda_max, lambda_max against the exact Hessian of the mean Gaussian NLL
     # on the same 1280 samples: X~^T X~ / (m sigma^2), X~ the inputs with a column of ones
     from analyze.curvature.samples import training_subset
@@ -325,6 +329,36 @@ def test_calibration_runs_only_stable_steps_and_adds_smaller_ones_on_a_stiff_mod
     assert table.n_draws.iloc[1] == pytest.approx(3 * table.n_draws.iloc[0], rel=0.02)  # equal sampling time
     rec = table[table.recommended].iloc[0]
     assert abs(rec.llc_mean - 5) < 0.15 * 5
+
+
+def test_a_grid_point_still_settling_runs_again_with_a_longer_burn_in():
+    """Chains started at the checkpoint with almost no burn-in are still moving out to the posterior during their
+    draws (drift far above 3): calibrate runs that point once more with SETTLE_BURNIN x the burn-in, and the row
+    records the longer burn-in; a point that is healthy at once is not run again."""
+    from analyze.llc.calibrate import SETTLE_BURNIN, grid_point, still_settling
+
+    ctx = linear_regression_context(10)
+    common = dict(chains=4, draws=200, burnin=1, batch_size="0")
+    first = LLCEstimator(lr="0.01/nbeta", localization="1", stability=False, seed=0, **common).run(ctx)["llc"]
+    first = first.iloc[0].to_dict()  # the grid point's first attempt (its seed is 1009 x seed + index = 0)
+    assert abs(first["drift"]) > 3 and still_settling(first)
+    row = grid_point(ctx, "0.01/nbeta", "1", "n/log n", "0.01/nbeta", common, 0, math.nan)
+    assert row["n_burnin"] == SETTLE_BURNIN and row["llc_mean"] != first["llc_mean"]
+    settled = grid_point(ctx, "0.1/nbeta", "1", "n/log n", "0.1/nbeta", {**common, "burnin": 200}, 0, math.nan)
+    assert settled["healthy"] and settled["n_burnin"] == 200
+    assert not still_settling({**settled, "healthy": False, "left_basin": True, "drift": 9.0})
+
+
+def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
+    """Without localization the MLP's chains roam (R-hat far above 1.1) even with 3x the burn-in: the smaller steps
+    at that localization are not run (they would cost the most), while at a localization where the chains are
+    healthy every step runs."""
+    table = calibrate(mlp_context, lrs=["0.1/nbeta", "0.03/nbeta"], localizations=["0", "1000"], nbetas=["n/log n"],
+                      common=dict(chains=2, draws=60, burnin=30, batch_size="0"), progress=False)
+    free = table[table.localization_option == "0"]
+    assert len(free) == 1 and not free.healthy.iloc[0] and free.lr_option.iloc[0] == "0.1/nbeta"
+    assert free.n_burnin.iloc[0] == 90 and free.rhat.iloc[0] > 1.1  # the settling rerun ran, and did not help
+    assert len(table[table.localization_option == "1000"]) == 2
 
 
 def test_agreement_uses_the_standard_errors():
@@ -418,3 +452,17 @@ def test_calibrate_says_when_the_checkpoint_is_not_at_a_minimum(mlp_context, tmp
                  "--draws", "100", "--burnin", "50", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "is not at a local minimum" in out and "recommended:" not in out
+
+
+def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
+    """An estimate whose step is unstable in the stiffest direction (as the defaults' step can be on a large, stiff
+    model) is marked in the summary and named in one warning line that points to analyze calibrate."""
+    from analyze.cli import main
+
+    common = [str(tiny_ckpts), "--estimators", "llc", "--epochs", "2", "--runs", "*trunk", "--workers", "0",
+              "--no-report", "--llc-chains", "2", "--llc-draws", "40", "--llc-burnin", "20"]
+    assert main(common + ["--llc-lr", "3/nbeta"]) == 0
+    captured = capsys.readouterr()
+    assert "NOT HEALTHY" in captured.out
+    warning = [line for line in captured.err.splitlines() if "not healthy" in line]
+    assert len(warning) == 1 and "1 of 1 LLC estimates" in warning[0] and "analyze calibrate" in warning[0]

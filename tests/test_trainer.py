@@ -401,3 +401,19 @@ def test_diverging_ngd_run_stops_cleanly(tmp_path):
     assert statuses == {"dlnn-1x8-ngd": "diverged"}
     for _, _, path in list_checkpoints(tmp_path / "ck" / "dlnn-1x8-ngd"):
         load_model(path)
+
+
+def test_jobs_train_the_branches_at_once_with_the_same_results(tmp_path, make_ckpts):
+    """--jobs 2 trains a swap's two branches in two processes (after the trunk): every checkpoint and resume
+    state is byte for byte the one a single process writes."""
+    settings = dict(num_epochs=3, cut_off_epochs=2)
+    one = make_ckpts(tmp_path / "one", **settings)
+    two = make_ckpts(tmp_path / "two", jobs=2, **settings)
+    runs = sorted(p.name for p in one.iterdir() if p.is_dir())
+    assert runs == sorted(p.name for p in two.iterdir() if p.is_dir()) and len(runs) == 3
+    for run in runs:
+        files = sorted(p.name for p in (one / run).glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in (two / run).glob("*.safetensors"))
+        for name in files:
+            assert (one / run / name).read_bytes() == (two / run / name).read_bytes(), (run, name)
+        assert json.loads((two / run / "run.json").read_text())["status"] == "complete"

@@ -48,6 +48,9 @@ class CheckpointError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 
+    def __reduce__(self):  # crosses process boundaries (train-ckpts --jobs) intact
+        return (CheckpointError, (self.path, self.reason))
+
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"epoch-{epoch:04d}.safetensors" if step is None else f"epoch-{epoch:04d}-step-{step:08d}.safetensors"

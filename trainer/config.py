@@ -99,6 +99,8 @@ class TrainConfig:
     quiet: bool = _opt(False, "no progress bars")
     max_memory_gb: float = _opt(DEFAULT_GB, "memory cap (GB) for the models and the teacher dataset the options ask "
                                             "for, checked before anything is allocated")
+    jobs: int = _opt(1, "runs trained at once, each in its own process with cores/jobs threads: the two branches "
+                        "of a swap after the trunk, the runs of a standard experiment (results are the same as with 1)")
     # Keys of the study's args file that belong to the analysis; kept in run.json, unused here.
     analysis_args: dict[str, Any] = field(default_factory=dict, metadata={"help": None})
 
@@ -183,6 +185,8 @@ class TrainConfig:
                 fail("optimizer", "a swap experiment trains both optimizers; use optimizer 'both'")
             if not 0 < self.cut_off_epochs < self.num_epochs:
                 fail("cut_off_epochs", f"{self.cut_off_epochs} must lie strictly between 0 and num_epochs={self.num_epochs}")
+        if self.jobs < 1:
+            fail("jobs", f"{self.jobs} must be at least 1")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             fail("device", f"{self.device!r} is not cpu or cuda[:N]")
         return self

@@ -144,14 +144,56 @@ def _train_plans(plans: list[RunPlan], cfg: TrainConfig, splits: Splits, dataset
         raise RunExistsError(f"folder(s) {', '.join(foreign)} in {out}/ hold files but no run.json; "
                              "move them away, or use --overwrite to replace them")
     statuses: dict[str, str] = {}
-    for plan in plans:
-        if plan.parent and statuses.get(plan.parent["run"]) != "complete":
-            log(f"[{plan.name}] skipped: parent run {plan.parent['run']} did not complete")
-            statuses[plan.name] = "skipped"
-            continue
-        trainer = RunTrainer(plan, cfg, splits, dataset_spec, out / plan.name, device, log)
-        statuses[plan.name] = trainer.train()
+    for wave in _waves(plans):  # runs whose parents are trained: independent of each other
+        ready = []
+        for plan in wave:
+            if plan.parent and statuses.get(plan.parent["run"]) != "complete":
+                log(f"[{plan.name}] skipped: parent run {plan.parent['run']} did not complete")
+                statuses[plan.name] = "skipped"
+            else:
+                ready.append(plan)
+        if cfg.jobs > 1 and len(ready) > 1:
+            statuses.update(_train_in_processes(ready, cfg, dataset_spec, out, device))
+        else:
+            for plan in ready:
+                statuses[plan.name] = RunTrainer(plan, cfg, splits, dataset_spec, out / plan.name, device, log).train()
     return statuses
+
+
+def _waves(plans: list[RunPlan]) -> list[list[RunPlan]]:
+    """The plans in dependency order: first those without a parent, then the branches of those, and so on."""
+    waves, done = [], set()
+    left = list(plans)
+    while left:
+        wave = [p for p in left if not p.parent or p.parent["run"] in done or
+                p.parent["run"] not in {q.name for q in plans}]
+        waves.append(wave)
+        done |= {p.name for p in wave}
+        left = [p for p in left if p.name not in done]
+    return waves
+
+
+def _train_in_processes(plans: list[RunPlan], cfg: TrainConfig, dataset_spec: dict, out: Path,
+                        device: torch.device) -> dict[str, str]:
+    """Train independent runs at once, one process each with an equal share of the cores. Every run's batches
+    and dropout derive from (seed, epoch) alone, so the results do not depend on which process trains it."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    workers = min(cfg.jobs, len(plans))
+    threads = max(1, torch.get_num_threads() // workers)
+    # spawn, not fork: a forked child of a process that has run OpenMP (torch's intra-op threads) can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {p.name: pool.submit(_train_one, p, cfg, dataset_spec, out / p.name, str(device), threads)
+                   for p in plans}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _train_one(plan: RunPlan, cfg: TrainConfig, dataset_spec: dict, run_dir: Path, device: str, threads: int) -> str:
+    torch.set_num_threads(threads)
+    splits = load_dataset(dataset_spec, max_bytes=budget.cap_bytes(cfg.max_memory_gb))  # checked by the parent
+    log = lambda text: print(text, flush=True)  # noqa: E731  (the child's own stdout, line by line)
+    return RunTrainer(plan, cfg, splits, dataset_spec, run_dir, torch.device(device), log).train()
 
 
 def _holds_foreign_files(run_dir: Path) -> bool:

@@ -11,6 +11,7 @@ from torch import nn
 from analyze.estimators.base import Context, EstimatorError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SAMPLES = 1280  # the default curvature sample: 10 batches of 128, as the study's Hessian (hessian, fim, llc stability)
 
 
 def training_subset(ctx: Context, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
-from analyze.curvature.samples import DTYPES, eval_mode, training_subset
+from analyze.curvature.samples import DTYPES, SAMPLES, eval_mode, training_subset
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
@@ -74,7 +74,7 @@ class FIMEstimator(Estimator):
     name = "fim"
     tables = ("fim",)
     options = (
-        Option("samples", int, 1280, "training samples (seeded; fewer if the split is smaller)"),
+        Option("samples", int, SAMPLES, "training samples (seeded; fewer if the split is smaller)"),
         Option("batch_size", int, 256, "samples per pass (memory only)"),
         Option("seed", int, 0, "seed of the sample set (the same seed and size give hessian's samples)"),
         Option("dtype", str, "float32", "precision of the computation", choices=tuple(DTYPES)),

@@ -65,7 +65,7 @@ import torch
 
 from analyze.curvature.ggn import diag_ggn_batch_traces, ggn_diagonal_applies, subsample_stderr
 from analyze.curvature.operators import CurvlinopsOperator, PyHessianOperator
-from analyze.curvature.samples import DTYPES, batches_of, eval_mode, training_subset
+from analyze.curvature.samples import DTYPES, SAMPLES, batches_of, eval_mode, training_subset
 from analyze.curvature.spectrum import dense_hessian, slq_rank, top_eigenvalues
 from analyze.curvature.trace import hutchinson, hutchpp
 from analyze.estimators.base import Context, Estimator, EstimatorError, Option
@@ -75,8 +75,8 @@ class HessianEstimator(Estimator):
     name = "hessian"
     tables = ("hessian", "hessian_spectrum")
     options = (
-        Option("samples", int, 1280, "training samples (seeded; fewer if the split is smaller)"),
-        Option("batch_size", int, 1280, "samples per forward pass (memory only)"),
+        Option("samples", int, SAMPLES, "training samples (seeded; fewer if the split is smaller)"),
+        Option("batch_size", int, SAMPLES, "samples per forward pass (memory only)"),
         Option("seed", int, 0, "seed of the sample set, the probes and the Lanczos starts"),
         Option("trace_method", str, "hutchpp", "trace estimator: hutchpp or hutchinson (stochastic, any model), "
                "or exact (the diagonal Gauss-Newton alone: equal to Tr(H) for piecewise-linear nets with their "

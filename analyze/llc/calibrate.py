@@ -6,14 +6,18 @@ step gets the same sampling time: a step k times smaller runs k times more burn-
 smaller step is never judged on a shorter chain. Only steps stable at the checkpoint are run
 (eps x nbeta x lambda_max < STABLE_STEP, analyze/llc/stability.py; lambda_max is measured once): smaller
 ones (a factor 3 apart) replace the unstable ones, and equal sampling time counts from the largest stable
-step. A setting is *healthy* as an llc row is
+step. A grid point whose chains were still settling (unhealthy by |drift| or R-hat alone) is run once more
+with SETTLE_BURNIN x the burn-in; if it is still unhealthy, the smaller steps at its localization are not run
+(at the same sampling time their chains would roam alike). A setting is *healthy* as an llc row is
 (analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
 stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
 errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
 at which every step is healthy (strong localization biases the LLC low), and at it the largest step that
 agrees with the next larger one. The two are on the plateau, and of the two the smaller carries the
 smaller step-size bias (which grows with the step: a larger step that merely agrees within the tolerance
-can still be 10% high). The table keeps every grid point, so the plateau (LLC against step for each
+can still be 10% high). Where no two steps agree at the weakest healthy localization, up to EXTRA_STEPS
+steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. The
+table keeps every grid point, so the plateau (LLC against step for each
 localization, with error bars) can be read off and plotted.
 """
 
@@ -44,6 +48,8 @@ AGREEMENT_SLACK = 0.05
 CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default grid's is 3x the default step)
 # gamma 1000: on large nets (a 784-256-256-10 deep linear net, 268,800 parameters) chains at gamma <= 100 roam so far
 # along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
+SETTLE_BURNIN = 3  # burn-in factor for a grid point whose chains were still settling (drift or R-hat only)
+EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when no two steps agree there
 DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
 
 
@@ -77,40 +83,73 @@ def agree(a: dict, b: dict) -> bool:
 def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: list[str], common: dict,
               progress: bool = True) -> pd.DataFrame:
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
-    smaller k times as many (equal sampling time)."""
+    smaller k times as many (equal sampling time). Where no two steps agree at the weakest healthy localization,
+    smaller steps are tried there before a stronger one is accepted (extend_downwards)."""
     n = len(ctx.splits.train)
     lambda_max = top_hessian_eigenvalue(ctx)
     rows = []
     for nb in nbetas:
-        nbeta = parse_nbeta(nb, n)
-        steps = stable_steps(lrs, nbeta, lambda_max)
-        largest = parse_lr(steps[0], nbeta)
+        steps = stable_steps(lrs, parse_nbeta(nb, n), lambda_max)
         grid = [(lr, loc) for loc in localizations for lr in steps]
-        for k, (lr, loc) in enumerate(tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress,
-                                           file=sys.stderr)):
-            stretch = largest / parse_lr(lr, nbeta)
-            # Each grid point gets its own chain seeds: with one seed for all, a single unlucky set of chains
-            # (a chance |drift| > 3) repeated at every step and localization and disqualified them all at once,
-            # and the agreement test assumes independent estimates.
-            est = LLCEstimator(lr=lr, localization=loc, nbeta=nb, stability=False,
-                               **{**common, "draws": round(common["draws"] * stretch),
-                                  "burnin": round(common["burnin"] * stretch),
-                                  "seed": common.get("seed", 0) * 1009 + k})
-            r = est.run(ctx)["llc"].iloc[0].to_dict()
-            r["lambda_max"] = lambda_max  # measured once for the whole grid
-            r["step_curvature"] = r["lr_nbeta"] * lambda_max
-            r["healthy"] = healthy(r)
-            rows.append({"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
-                         "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
-                         "lr_nbeta": r["lr_nbeta"], "lambda_max": r["lambda_max"], "step_curvature": r["step_curvature"],
-                         "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
-                         "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
-                         "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
-                         "diverged": r["diverged"], "left_basin": r["left_basin"],
-                         "not_at_minimum": r["not_at_minimum"], "healthy": r["healthy"], "llc_truth": r["llc_truth"],
-                         "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]})
-    table = pd.DataFrame(rows)
-    # The next larger step at the same localization and nbeta: the plateau test.
+        given_up: set[str] = set()
+        for lr, loc in tqdm(grid, desc=f"calibration (nbeta {nb})", disable=not progress, file=sys.stderr):
+            if loc in given_up:
+                continue
+            row = grid_point(ctx, lr, loc, nb, steps[0], common, len(rows), lambda_max)
+            rows.append(row)
+            if not row["healthy"]:
+                # Unhealthy after the settling rerun, with a stable step: the chains roam at this localization
+                # (they leave the basin or never settle), and smaller steps at the same sampling time would too.
+                # The localization cannot be recommended, so its smaller steps are not run: on a large model they
+                # cost the most (a 269,322-parameter MLP at gamma 1 and 10).
+                given_up.add(loc)
+    table = with_recommendation(pd.DataFrame(rows), nbetas, localizations)
+    return extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
+
+
+def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,
+               lambda_max: float) -> dict:
+    """One calibration row: the llc estimator at (lr, loc, nb) for the sampling time of `largest`."""
+    nbeta = parse_nbeta(nb, len(ctx.splits.train))
+    stretch = parse_lr(largest, nbeta) / parse_lr(lr, nbeta)
+    burnin = round(common["burnin"] * stretch)
+    for attempt in range(2):
+        # Each grid point gets its own chain seeds: with one seed for all, a single unlucky set of chains
+        # (a chance |drift| > 3) repeated at every step and localization and disqualified them all at once,
+        # and the agreement test assumes independent estimates.
+        est = LLCEstimator(lr=lr, localization=loc, nbeta=nb, stability=False,
+                           **{**common, "draws": round(common["draws"] * stretch), "burnin": burnin,
+                              "seed": common.get("seed", 0) * 1009 + index + 7919 * attempt})
+        r = est.run(ctx)["llc"].iloc[0].to_dict()
+        r["lambda_max"] = lambda_max  # measured once for the whole grid
+        r["step_curvature"] = r["lr_nbeta"] * lambda_max
+        r["healthy"] = healthy(r)
+        if r["healthy"] or not still_settling(r):
+            break
+        # Still settling, nothing else wrong: a large model's chains at a small step need longer to reach the
+        # localized posterior (a 268,800-parameter deep linear net at 0.01/nbeta, gamma 1000: drifting after
+        # 900 burn-in steps, settled after 3,000), so the point is run once more with SETTLE_BURNIN x the burn-in.
+        burnin *= SETTLE_BURNIN
+    return {"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
+            "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
+            "lr_nbeta": r["lr_nbeta"], "lambda_max": r["lambda_max"], "step_curvature": r["step_curvature"],
+            "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
+            "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
+            "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
+            "diverged": r["diverged"], "left_basin": r["left_basin"],
+            "not_at_minimum": r["not_at_minimum"], "healthy": r["healthy"], "llc_truth": r["llc_truth"],
+            "init_loss": r["init_loss"], "mean_sampled_loss": r["mean_sampled_loss"]}
+
+
+def still_settling(row: dict) -> bool:
+    """Unhealthy only by |drift| or R-hat: the chains had not reached stationarity, nothing diverged or left."""
+    return not row["healthy"] and healthy({**row, "drift": 0.0, "rhat": 1.0})
+
+
+def with_recommendation(table: pd.DataFrame, nbetas: list[str], localizations: list[str]) -> pd.DataFrame:
+    """The table with the plateau test (each row against the next larger step at its localization and nbeta)
+    and the recommended row marked."""
+    table = table.reset_index(drop=True)
     table["llc_at_larger_step"] = math.nan
     table["agrees_with_larger_step"] = False
     for _, group in table.groupby(["nbeta_option", "localization_option"], sort=False):
@@ -123,6 +162,34 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     if best is not None:
         table.loc[best, "recommended"] = True
     return table
+
+
+def extend_downwards(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
+                     lambda_max: float, progress: bool) -> pd.DataFrame:
+    """At the weakest localization where every step is healthy, if no two neighbouring steps agree, the steps
+    still carry a step-size bias: up to EXTRA_STEPS steps a factor 3 smaller are tried there (at equal sampling
+    time) before a stronger localization is accepted, since a stronger one biases the LLC low (on a 784->10
+    linear regression, gamma 1000 came out 13-22% low where a smaller step at gamma 100 was right)."""
+    for nb in nbetas:
+        at_nb = table[table.nbeta_option == nb]
+        largest = at_nb.sort_values("lr").lr_option.iloc[-1]
+        weakest = next((loc for loc in _weakest_first(at_nb, localizations)
+                        if at_nb[at_nb.localization_option == loc].healthy.all()), None)
+        for _ in range(EXTRA_STEPS if weakest is not None else 0):
+            group = table[(table.nbeta_option == nb) & (table.localization_option == weakest)]
+            if len(group) < 2 or group.agrees_with_larger_step.any() or not group.healthy.all():
+                break  # a single step asked for is a query, not a plateau to extend
+            lr = f"{group.lr_nbeta.min() / 3:.2g}/nbeta"
+            if progress:
+                print(f"calibration: no two steps agree at localization {weakest}; trying the smaller step {lr}",
+                      file=sys.stderr)
+            row = grid_point(ctx, lr, weakest, nb, largest, common, len(table), lambda_max)
+            table = with_recommendation(pd.concat([table, pd.DataFrame([row])]), nbetas, localizations)
+    return table
+
+
+def _weakest_first(table: pd.DataFrame, localizations: list[str]) -> list[str]:
+    return sorted(localizations, key=lambda t: table.loc[table.localization_option == t, "localization"].min())
 
 
 def stable_steps(lrs: list[str], nbeta: float, lambda_max: float) -> list[str]:
@@ -146,7 +213,7 @@ def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
     """Index of the recommended row, or None (see the module docstring)."""
     for nb in nbetas:
         at_nb = table[table.nbeta_option == nb]
-        for loc in sorted(localizations, key=lambda t: at_nb.loc[at_nb.localization_option == t, "localization"].min()):
+        for loc in _weakest_first(at_nb, localizations):
             group = at_nb[at_nb.localization_option == loc]
             if not group.healthy.all():
                 continue
@@ -239,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if unstable:
         print(f"not run, unstable at this checkpoint: {', '.join(unstable)}; smaller steps replace them" if any(t not in lrs for t in table.lr_option) else
               f"not run, unstable at this checkpoint: {', '.join(unstable)}")
+    runs_per_loc = table.groupby("localization_option", sort=False).size()
+    cut_short = [loc for loc, k in runs_per_loc.items() if k < runs_per_loc.max()]
+    if cut_short:
+        print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
+              "unhealthy even with 3x the burn-in")
     rec = table[table.recommended]
     if len(rec):
         r = rec.iloc[0]

@@ -19,15 +19,16 @@ if TYPE_CHECKING:
     from analyze.estimators.base import Context
 
 STABLE_STEP = 2.0
-SAMPLES = 1280
 
 
-def top_hessian_eigenvalue(ctx: "Context", samples: int = SAMPLES, seed: int = 0) -> float:
-    """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples."""
+def top_hessian_eigenvalue(ctx: "Context", samples: int | None = None, seed: int = 0) -> float:
+    """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples (by
+    default as many as the hessian estimator's default)."""
     from analyze.curvature.operators import CurvlinopsOperator
-    from analyze.curvature.samples import batches_of, eval_mode, training_subset
+    from analyze.curvature.samples import SAMPLES, batches_of, eval_mode, training_subset
     from analyze.curvature.spectrum import top_eigenvalues
 
+    samples = SAMPLES if samples is None else samples
     x, y = training_subset(ctx, samples, seed)
     op = CurvlinopsOperator(ctx.model, ctx.loss_fn, batches_of(x, y, samples), len(y), engine="hvp")
     try:

@@ -30,15 +30,18 @@ def summarize(catalog: "Catalog", plan: "Plan", statuses: list[dict]) -> list[di
 
 
 def last_estimates(store) -> dict[str, str]:
-    """run -> 'LLC x +- s @ epoch e, Hessian trace t' from the last epoch-end checkpoint that has them."""
+    """run -> 'val loss v (epoch e), LLC x+-s (epoch e), tr H t (epoch e)' from the last checkpoint that has each."""
     from analyze.tables import read_table
 
     completed = store.completed()
     found: dict[str, list[str]] = {}
-    for table, value, error, label in (("llc", "llc_mean", "llc_sem", "LLC"), ("hessian", "trace", None, "tr H")):
+    for table, value, error, label in (("evaluate", "loss", None, "val loss"), ("llc", "llc_mean", "llc_sem", "LLC"),
+                                       ("hessian", "trace", None, "tr H")):
         frame = read_table(store.root / table, completed) if (store.root / table).is_dir() else None
         if frame is None or value not in frame:
             continue
+        if table == "evaluate":  # the default estimators' headline: the validation loss
+            frame = frame[frame.split == "val"]
         last = frame.sort_values(["epoch", "step"]).groupby("run").tail(1)
         for row in last.itertuples():
             text = f"{label} {getattr(row, value):.3g}" + (f"±{getattr(row, error):.2g}" if error else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -19,10 +20,11 @@ def bin_path(name: str, prog: str) -> str:
     return str(path)
 
 
-def run(cmd: list[str], prog: str) -> None:
-    """Run a command; a failure ends the script with one line (its own message is above it)."""
+def run(cmd: list[str], prog: str, env: dict[str, str] | None = None) -> None:
+    """Run a command (with `env` added to the environment); a failure ends the script with one line (its own
+    message is above it)."""
     print("+", shlex.join(cmd), flush=True)
-    status = subprocess.call(cmd)
+    status = subprocess.call(cmd, env={**os.environ, **env} if env else None)
     if status != 0:
         raise SystemExit(f"{prog}: {Path(cmd[0]).name} failed (exit {status}); see its message above "
                          "(a rerun resumes what finished)")

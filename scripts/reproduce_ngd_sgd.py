@@ -53,8 +53,8 @@ CURVATURE = ["--hessian-trace-method", "exact", "--hessian-spectrum", "false", "
 PROG = "reproduce_ngd_sgd"
 
 
-def run(cmd: list[str]) -> None:
-    _stages.run(cmd, PROG)
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    _stages.run(cmd, PROG, env)
 
 
 def bin_path(name: str) -> str:
@@ -216,7 +216,10 @@ def main() -> int:
         if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
             run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
                  "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
-                 "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device])
+                 "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device],
+                # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
+                # oversubscription made each chain step 7x slower here (the dask workers run one thread each too)
+                env={"OMP_NUM_THREADS": "1"})
         lr, loc, why = calibrated_setting(analysis, f"{family}-trunk", cut)
     print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
           f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {args.llc_burnin} burn-in")

@@ -175,6 +175,9 @@ def main() -> int:
     ap.add_argument("--llc-batch-size", default="64", help="SGLD minibatch at the calibrated setting, with "
                     "control-variate gradients (default: %(default)s)")
     ap.add_argument("--llc-burnin", type=int, default=300, help="burn-in steps per chain (default: %(default)s)")
+    ap.add_argument("--llc-lr", help="SGLD step for the LLC at every checkpoint, in place of calibrate's pick")
+    ap.add_argument("--llc-localization", help="localization for the LLC at every checkpoint, in place of "
+                    "calibrate's pick")
     ap.add_argument("--llc-epochs", help="the LLC at the calibrated setting only at these epochs (analyze's --epochs "
                     "syntax, e.g. 0-80:5; default: every checkpoint)")
     ap.add_argument("--calibration-draws", type=int, default=150,
@@ -221,6 +224,9 @@ def main() -> int:
                 # oversubscription made each chain step 7x slower here (the dask workers run one thread each too)
                 env={"OMP_NUM_THREADS": "1"})
         lr, loc, why = calibrated_setting(analysis, f"{family}-trunk", cut)
+    if args.llc_lr or args.llc_localization:  # the calibration still ran: its table stays in the analysis
+        why = f"given with --llc-lr/--llc-localization; calibrate's pick: eps {lr}, gamma {loc} ({why})"
+        lr, loc = args.llc_lr or lr, args.llc_localization or loc
     print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
           f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {args.llc_burnin} burn-in")
     with stage("Hessian trace (and evaluate), every checkpoint", timings, log):

@@ -358,7 +358,7 @@ def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
     free = table[table.localization_option == "0"]
     assert len(free) == 1 and not free.healthy.iloc[0] and free.lr_option.iloc[0] == "0.1/nbeta"
     assert free.n_burnin.iloc[0] == 90 and free.rhat.iloc[0] > 1.1  # the settling rerun ran, and did not help
-    assert len(table[table.localization_option == "1000"]) == 2
+    assert len(table[table.localization_option == "1000"]) == 2 and table.attrs["given_up"] == ["0"]
 
 
 def test_agreement_uses_the_standard_errors():

@@ -87,7 +87,7 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     smaller steps are tried there before a stronger one is accepted (extend_downwards)."""
     n = len(ctx.splits.train)
     lambda_max = top_hessian_eigenvalue(ctx)
-    rows = []
+    rows, given_up_all = [], set()
     for nb in nbetas:
         steps = stable_steps(lrs, parse_nbeta(nb, n), lambda_max)
         grid = [(lr, loc) for loc in localizations for lr in steps]
@@ -103,8 +103,11 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
                 # The localization cannot be recommended, so its smaller steps are not run: on a large model they
                 # cost the most (a 269,322-parameter MLP at gamma 1 and 10).
                 given_up.add(loc)
+                given_up_all.add(loc)
     table = with_recommendation(pd.DataFrame(rows), nbetas, localizations)
-    return extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
+    table = extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
+    table.attrs["given_up"] = sorted(given_up_all)  # localizations whose smaller steps were not run
+    return table
 
 
 def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,
@@ -306,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if unstable:
         print(f"not run, unstable at this checkpoint: {', '.join(unstable)}; smaller steps replace them" if any(t not in lrs for t in table.lr_option) else
               f"not run, unstable at this checkpoint: {', '.join(unstable)}")
-    runs_per_loc = table.groupby("localization_option", sort=False).size()
-    cut_short = [loc for loc, k in runs_per_loc.items() if k < runs_per_loc.max()]
+    cut_short = table.attrs.get("given_up", [])
     if cut_short:
         print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
               "unhealthy even with 3x the burn-in")

@@ -162,11 +162,10 @@ def _train_plans(plans: list[RunPlan], cfg: TrainConfig, splits: Splits, dataset
 
 def _waves(plans: list[RunPlan]) -> list[list[RunPlan]]:
     """The plans in dependency order: first those without a parent, then the branches of those, and so on."""
-    waves, done = [], set()
+    waves, done, names = [], set(), {p.name for p in plans}
     left = list(plans)
     while left:
-        wave = [p for p in left if not p.parent or p.parent["run"] in done or
-                p.parent["run"] not in {q.name for q in plans}]
+        wave = [p for p in left if not p.parent or p.parent["run"] in done or p.parent["run"] not in names]
         waves.append(wave)
         done |= {p.name for p in wave}
         left = [p for p in left if p.name not in done]

@@ -372,7 +372,7 @@ def unrecognized(extra: list[str], selected: set[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["calibrate"]:
-        from analyze.llc.calibrate import main as calibrate_main
+        from analyze.llc.calibrate_command import main as calibrate_main
 
         return calibrate_main(argv[1:])
     from analyze.runner import SchedulerLost

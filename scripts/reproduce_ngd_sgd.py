@@ -35,6 +35,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,8 @@ CURVATURE = ["--hessian-trace-method", "exact", "--hessian-spectrum", "false", "
 
 
 PROG = "reproduce_ngd_sgd"
+STUDY_BURNIN = 0  # the notebook sets none: devinterp's estimate_learning_coeff default, 0 burn-in steps
+CONFIRM_BURNIN = 300  # the first burn-in calibrate confirms its pick with (then 3x, 9x while the chains settle)
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -61,16 +64,20 @@ def bin_path(name: str) -> str:
     return _stages.bin_path(name, PROG)
 
 
-def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, str, str]:
+def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, str, int, str]:
+    """Step, localization and burn-in: calibrate's recommendation at the cut-off, or the validated defaults."""
     import analyze
     from analyze.estimators.llc import DEFAULTS
+    from analyze.llc.calibrate import recommended_setting
 
     calibration = analyze.load(str(analysis)).get("calibration")
     if calibration is not None:
-        chosen = calibration[calibration.recommended & (calibration.run == run_name) & (calibration.epoch == cut)]
-        if len(chosen):
-            return str(chosen.lr_option.iloc[0]), str(chosen.localization_option.iloc[0]), "calibrate's recommendation"
-    return DEFAULTS["lr"], DEFAULTS["localization"], "no calibrated setting qualified: the validated defaults"
+        setting = recommended_setting(calibration[(calibration.run == run_name) & (calibration.epoch == cut)])
+        if setting:
+            burnin = setting["burnin"] if setting["burnin"] is not None else DEFAULTS["burnin"]
+            return setting["lr"], setting["localization"], burnin, "calibrate's recommendation"
+    return (DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
+            "no calibrated setting qualified: the validated defaults")
 
 
 def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[str, pd.DataFrame]:
@@ -174,7 +181,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="torch device for training and analysis")
     ap.add_argument("--llc-batch-size", default="64", help="SGLD minibatch at the calibrated setting, with "
                     "control-variate gradients (default: %(default)s)")
-    ap.add_argument("--llc-burnin", type=int, default=300, help="burn-in steps per chain (default: %(default)s)")
+    ap.add_argument("--llc-burnin", type=int, help="burn-in steps per chain at the calibrated setting (default: the "
+                    "burn-in at which calibrate confirmed its pick at the study's chain and draw counts)")
     ap.add_argument("--llc-lr", help="SGLD step for the LLC at every checkpoint, in place of calibrate's pick")
     ap.add_argument("--llc-localization", help="localization for the LLC at every checkpoint, in place of "
                     "calibrate's pick")
@@ -219,28 +227,33 @@ def main() -> int:
         if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
             run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
                  "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
+                 # the pick is confirmed at the study's chain and draw counts, from CONFIRM_BURNIN burn-in steps
+                 "--confirm-chains", str(sampler["num_chains"]), "--confirm-draws", str(sampler["num_draws"]),
+                 "--confirm-burnin", str(CONFIRM_BURNIN),
                  "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device],
                 # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
                 # oversubscription made each chain step 7x slower here (the dask workers run one thread each too)
                 env={"OMP_NUM_THREADS": "1"})
-        lr, loc, why = calibrated_setting(analysis, f"{family}-trunk", cut)
-    if args.llc_lr or args.llc_localization:  # the calibration still ran: its table stays in the analysis
-        why = f"given with --llc-lr/--llc-localization; calibrate's pick: eps {lr}, gamma {loc} ({why})"
+        lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut)
+    if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
+        why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
+               f"burn-in {burnin} ({why})")
         lr, loc = args.llc_lr or lr, args.llc_localization or loc
+        burnin = args.llc_burnin if args.llc_burnin is not None else burnin
     print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
-          f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {args.llc_burnin} burn-in")
+          f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {burnin} burn-in")
     with stage("Hessian trace (and evaluate), every checkpoint", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate,hessian", *CURVATURE, "--no-report", *common])
-    llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"]),
-                   "--llc-burnin", str(args.llc_burnin)]
+    llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"])]
     which = f"epochs {args.llc_epochs}" if args.llc_epochs else "every checkpoint"
     with stage(f"LLC at the calibrated setting, {which}", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-lr", lr,
+        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin), "--llc-lr", lr,
              "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report", *common]
             + (["--epochs", args.llc_epochs] if args.llc_epochs else []))
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
     with stage("LLC at the study's setting, every fifth epoch", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,
+             "--llc-burnin", str(STUDY_BURNIN),
              "--llc-lr", study_lr, "--llc-localization", study_loc, "--llc-gradient", "minibatch",
              "--llc-batch-size", str(study[1]["batch_size"]), "--no-report", *common])
     with stage("report", timings, log):
@@ -249,8 +262,10 @@ def main() -> int:
     import analyze
 
     tables = analyze.load(str(analysis))
-    settings = {"calibrated": {"lr_option": lr, "localization_option": loc, "gradient": "control-variate"},
-                "study's": {"lr_option": study_lr, "localization_option": study_loc, "gradient": "minibatch"}}
+    settings = {"calibrated": {"lr_option": lr, "localization_option": loc, "gradient": "control-variate",
+                               "n_burnin": burnin},
+                "study's": {"lr_option": study_lr, "localization_option": study_loc, "gradient": "minibatch",
+                            "n_burnin": STUDY_BURNIN}}
     lines, sections = [], []
     for name, llc_filter in settings.items():
         for title, table in comparisons(tables, family, cut, llc_filter).items():
@@ -297,7 +312,7 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
     llc = tables["llc"]
     per_setting = []
     for name, f in settings.items():
-        rows = llc[(llc.lr_option == f["lr_option"]) & (llc.localization_option == f["localization_option"])]
+        rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
         per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(rows.healthy.sum())} healthy; "
                            f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f}, "
                            f"step_curvature (eps x nbeta x lambda_max, stable below 2) {rows.step_curvature.min():.2g}"
@@ -313,11 +328,11 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
         "",
         f"- LLC, calibrated setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch "
         f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {study[2]['num_draws']} draws after "
-        f"{args.llc_burnin} burn-in; nbeta = n / log n; "
+        f"{settings['calibrated']['n_burnin']} burn-in; nbeta = n / log n; "
         + (f"epochs {args.llc_epochs} (--llc-epochs)." if args.llc_epochs else "every checkpoint."),
         f"- LLC, the study's setting: eps {study[2]['sampler_lr']:g}, "
         f"gamma {study[2]['localization']:g}, plain minibatches of {study[1]['batch_size']}, same chains and draws, "
-        "every fifth epoch.",
+        f"{STUDY_BURNIN} burn-in (the notebook's), every fifth epoch.",
         "- Hessian trace: exact (diagonal Gauss-Newton = Tr(H) for this ReLU net) on the estimator's 1,280 seeded "
         "training samples; the error bar is that subsample's standard error.",
         "",

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from analyze.llc.calibrate import calibrate, context_for, plateau_text  # noqa: E402
-from analyze.estimators.llc import LLCEstimator  # noqa: E402
+from analyze.estimators.llc import DEFAULTS, LLCEstimator  # noqa: E402
 from trainer.checkpoints import checkpoint_name  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.experiment import run_experiment  # noqa: E402
@@ -101,19 +101,19 @@ def estimate(ctx, options: dict) -> dict:
 
 
 def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
-    """analyze calibrate's recommendation for this checkpoint (over `grid`, default: calibrate's), then the
-    estimator at that setting."""
+    """analyze calibrate's recommendation for this checkpoint (over `grid`, default: calibrate's), confirmed at
+    the estimator's chain and draw counts as the command does by default: its confirmation run is the estimate."""
     start = time.perf_counter()
     table = calibrate(ctx, progress=False, **calibration_args(options, grid))
-    rec = table[table.recommended]
     plateau = plateau_text(table)
-    if not len(rec):
+    confirmed = table[table.recommended & (table.stage == "confirmation")]
+    if not len(confirmed):
         return {"llc_mean": float("nan"), "llc_sem": float("nan"), "wall_seconds": time.perf_counter() - start,
                 "setting": "none qualified", "plateau": plateau}
-    r = rec.iloc[0]
-    row = estimate(ctx, {**options, "lr": r.lr_option, "localization": r.localization_option})
+    row = confirmed.iloc[0].to_dict()
     row["wall_seconds"] = time.perf_counter() - start
-    row["setting"] = f"lr {r.lr_option}, loc {r.localization_option}" + (" (scale grid)" if grid else "")
+    row["setting"] = (f"lr {row['lr_option']}, loc {row['localization_option']}, burn-in {row['n_burnin']}"
+                      + (" (scale grid)" if grid else ""))
     row["plateau"] = plateau
     return row
 
@@ -125,8 +125,9 @@ def calibration_args(options: dict, grid: dict | None = None) -> dict:
     grid = grid or DEFAULT_GRID
     common = {"draws": CALIBRATION_LENGTH, "burnin": CALIBRATION_LENGTH,
               **{k: v for k, v in options.items() if k not in ("lr", "localization", "nbeta", "draws", "burnin")}}
+    study = {k: options.get(k, DEFAULTS[k]) for k in ("chains", "draws", "burnin")}
     return {"lrs": grid["lr"], "localizations": grid["localization"], "nbetas": ["n/log n"],
-            "common": common}
+            "common": common, "study": study}
 
 
 def main(argv: list[str] | None = None) -> int:

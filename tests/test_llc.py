@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analyze.llc.calibrate import calibrate, context_for
+from analyze.llc.calibrate import calibrate, context_for, recommended_setting
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator
@@ -252,9 +252,18 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     localization at which every step is healthy; where its two steps disagree (step-size bias) it tries a smaller
     step there before accepting a stronger localization, and recommends a setting within 15% of the truth."""
     ctx = linear_regression_context(10)
-    table = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
-                      nbetas=["n/log n"], common=dict(chains=4, draws=300, burnin=100, batch_size="0"),
-                      progress=False)
+    study = dict(chains=4, draws=400, burnin=100)
+    full = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
+                     nbetas=["n/log n"], common=dict(chains=4, draws=300, burnin=100, batch_size="0"),
+                     progress=False, study=study)
+    # the pick ran once more at the study's length, was healthy there, and is recommended with that burn-in
+    confirmation = full[full.stage == "confirmation"]
+    assert len(confirmation) == 1 and confirmation.healthy.all() and confirmation.recommended.all()
+    assert (confirmation.n_chains.iloc[0], confirmation.n_draws.iloc[0]) == (4, 400)
+    setting = recommended_setting(full)
+    assert (setting["lr"], setting["localization"], setting["burnin"]) == ("0.033/nbeta", "1", 100)
+    assert abs(setting["llc_mean"] - 5) < 0.15 * 5
+    table = full[full.stage == "grid"]
     time_budget = table.n_draws * table.lr_nbeta
     assert np.allclose(time_budget, time_budget.iloc[0], rtol=0.02)  # a 3x smaller step runs 3x longer
     weak = table[table.localization_option == "1"].set_index("lr_option")
@@ -347,6 +356,21 @@ def test_a_grid_point_still_settling_runs_again_with_a_longer_burn_in():
     settled = grid_point(ctx, "0.1/nbeta", "1", "n/log n", "0.1/nbeta", {**common, "burnin": 200}, 0, math.nan)
     assert settled["healthy"] and settled["n_burnin"] == 200
     assert not still_settling({**settled, "healthy": False, "left_basin": True, "drift": 9.0})
+
+
+def test_a_pick_that_fails_at_the_studys_length_is_not_recommended():
+    """The grid's pick (0.033/nbeta at gamma 1) runs again at the study's length; with 40 draws its chains fail the
+    health test (R-hat) at the study's burn-in, 3x and 9x it: that localization is set aside, and as the stronger
+    one has no two steps that agree, nothing is recommended."""
+    ctx = linear_regression_context(10)
+    table = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"], nbetas=["n/log n"],
+                      common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False,
+                      study=dict(chains=4, draws=40, burnin=1))
+    confirmation = table[table.stage == "confirmation"]
+    assert list(confirmation.n_burnin) == [1, 3, 9] and (confirmation.n_draws == 40).all()
+    assert set(confirmation.lr_option) == {"0.033/nbeta"} and not confirmation.healthy.any()
+    assert table[table.stage == "grid"].healthy.all()  # the short grid chains saw nothing wrong
+    assert not table.recommended.any() and recommended_setting(table) is None
 
 
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):

@@ -16,14 +16,16 @@ at which every step is healthy (strong localization biases the LLC low), and at 
 agrees with the next larger one. The two are on the plateau, and of the two the smaller carries the
 smaller step-size bias (which grows with the step: a larger step that merely agrees within the tolerance
 can still be 10% high). Where no two steps agree at the weakest healthy localization, up to EXTRA_STEPS
-steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. The
-table keeps every grid point, so the plateau (LLC against step for each
-localization, with error bars) can be read off and plotted.
+steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. Last, the
+pick is confirmed at the length the study will run (its chains and draws; `confirm`): the grid's short chains
+cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and is
+recommended with the burn-in that settled it, or set aside for the next localization's pick. The table keeps
+every grid point and confirmation run (`stage`), so the plateau (LLC against step for each localization, with
+error bars) can be read off and plotted.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -34,13 +36,12 @@ from tqdm.auto import tqdm
 
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context, EstimatorError
-from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
-from analyze.llc.statistics import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX, healthy
-from analyze.llc.sampler import SAMPLERS
+from analyze.estimators.llc import LLCEstimator, parse_lr, parse_nbeta
+from analyze.llc.statistics import healthy
 from analyze.llc.stability import STABLE_STEP, top_hessian_eigenvalue
-from analyze.store import Store, config_hash, file_hash, task_key
-from trainer.checkpoints import CheckpointError, load_model
-from trainer.data import DataError, load_dataset
+from analyze.store import file_hash
+from trainer.checkpoints import load_model
+from trainer.data import load_dataset
 from trainer.losses import nll_loss
 
 AGREEMENT_SE = 2.0
@@ -49,17 +50,9 @@ CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default g
 # gamma 1000: on large nets (a 784-256-256-10 deep linear net, 268,800 parameters) chains at gamma <= 100 roam so far
 # along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
 SETTLE_BURNIN = 3  # burn-in factor for a grid point whose chains were still settling (drift or R-hat only)
+CONFIRM_RUNS = 3  # the recommendation at the study's length: its burn-in, then 3x and 9x while still settling
 EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when no two steps agree there
 DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
-
-
-def _list(text: str, flag: str, parse) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise EstimatorError(f"{flag}: give one or more values")
-    for v in values:
-        parse(v, 1.0)  # one-line error naming the flag
-    return values
 
 
 def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -> Context:
@@ -81,10 +74,12 @@ def agree(a: dict, b: dict) -> bool:
 
 
 def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: list[str], common: dict,
-              progress: bool = True) -> pd.DataFrame:
+              progress: bool = True, study: dict | None = None) -> pd.DataFrame:
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
     smaller k times as many (equal sampling time). Where no two steps agree at the weakest healthy localization,
-    smaller steps are tried there before a stronger one is accepted (extend_downwards)."""
+    smaller steps are tried there before a stronger one is accepted (extend_downwards). With `study` (chains,
+    draws, burnin: the length the llc estimator will run at), the recommendation is confirmed at that length
+    (confirm); `stage` tells grid rows from confirmation rows."""
     n = len(ctx.splits.train)
     lambda_max = top_hessian_eigenvalue(ctx)
     rows, given_up_all = [], set()
@@ -106,8 +101,66 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
                 given_up_all.add(loc)
     table = with_recommendation(pd.DataFrame(rows), nbetas, localizations)
     table = extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
-    table.attrs["given_up"] = sorted(given_up_all)  # localizations whose smaller steps were not run
+    table["stage"] = "grid"
+    given_up = sorted(given_up_all)  # localizations whose smaller steps were not run
+    if study:
+        table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, progress)
+    table.attrs["given_up"] = given_up
     return table
+
+
+def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
+            study: dict, lambda_max: float, progress: bool) -> pd.DataFrame:
+    """Run the recommendation at the study's length (`study`: chains, draws, burnin) before it is recommended.
+
+    The grid judges settings on short chains, whose drift test has little power: on the NGD-vs-SGD study's MLP
+    (269,322 parameters) it recommended 0.0033/nbeta at gamma 100, whose chains at the study's 300 burn-in steps
+    were still settling at 61 of 66 checkpoints (median |drift| 7.9). Here the recommended setting runs with the
+    study's chains and draws; while it is still settling, with SETTLE_BURNIN x the burn-in, up to CONFIRM_RUNS
+    runs. The burn-in that settles it becomes part of the recommendation. The burn-in is found by the chains'
+    own drift rather than set by a formula: 1/(eps gamma), the relaxation time of a flat direction, bounds the
+    settling time, but is 10-100x too long wherever the loss is curved enough to hold the chains (every case of
+    the truth suite settles within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000).
+    A localization whose recommendation does not settle is set aside and the next recommendation (a stronger
+    localization) is confirmed instead. Confirmation rows join the table with stage "confirmation"; the
+    grid row and the confirmation row of the confirmed setting are marked recommended, and nothing is when no
+    recommendation is confirmed."""
+    grid = table.assign(recommended=False)
+    runs, set_aside = [], set()
+    while True:
+        candidates = grid[[(nb, loc) not in set_aside for nb, loc in zip(grid.nbeta_option, grid.localization_option)]]
+        best = recommend(candidates, nbetas, localizations)
+        if best is None:
+            break
+        chosen = grid.loc[best]
+        if progress:
+            print(f"calibration: confirming eps {chosen.lr_option}, gamma {chosen.localization_option} at "
+                  f"{study['chains']} chains x {study['draws']} draws", file=sys.stderr)
+        attempts = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
+                                 {**common, **study}, CONFIRM_RUNS, common.get("seed", 0) * 1009 + 104729 + len(runs),
+                                 lambda_max)
+        runs += [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
+                  "agrees_with_larger_step": False} for row in attempts]
+        if attempts[-1]["healthy"]:
+            grid.loc[best, "recommended"] = True
+            break
+        set_aside.add((chosen.nbeta_option, chosen.localization_option))
+    return pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+
+
+def recommended_setting(table: pd.DataFrame) -> dict | None:
+    """The recommended setting: lr, localization and nbeta options, burn-in (None when it was not confirmed:
+    any), chains and draws it was run at, and its LLC; None when nothing is recommended."""
+    rec = table[table.recommended.fillna(False).astype(bool)]
+    if not len(rec):
+        return None
+    stage = rec["stage"] if "stage" in rec else pd.Series("grid", index=rec.index)
+    confirmed = rec[stage == "confirmation"]
+    r = (confirmed if len(confirmed) else rec).iloc[0]
+    return {"lr": str(r.lr_option), "localization": str(r.localization_option), "nbeta": str(r.nbeta_option),
+            "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
+            "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem),
+            "llc_at_larger_step": float(rec.iloc[0].llc_at_larger_step)}
 
 
 def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,
@@ -115,28 +168,42 @@ def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: d
     """One calibration row: the llc estimator at (lr, loc, nb) for the sampling time of `largest`."""
     nbeta = parse_nbeta(nb, len(ctx.splits.train))
     stretch = parse_lr(largest, nbeta) / parse_lr(lr, nbeta)
-    burnin = round(common["burnin"] * stretch)
-    for attempt in range(2):
-        # Each grid point gets its own chain seeds: with one seed for all, a single unlucky set of chains
-        # (a chance |drift| > 3) repeated at every step and localization and disqualified them all at once,
-        # and the agreement test assumes independent estimates.
+    options = {**common, "draws": round(common["draws"] * stretch), "burnin": round(common["burnin"] * stretch)}
+    return settled_point(ctx, lr, loc, nb, options, 2, common.get("seed", 0) * 1009 + index, lambda_max)[-1]
+
+
+def settled_point(ctx: Context, lr: str, loc: str, nb: str, options: dict, attempts: int, seed: int,
+                  lambda_max: float) -> list[dict]:
+    """The llc estimator at (lr, loc, nb) with `options`' chains, draws and burn-in; while the chains are still
+    settling (unhealthy by |drift| or R-hat alone), run again with SETTLE_BURNIN x the burn-in, at most
+    `attempts` runs in all. Returns every run's row, the last one last."""
+    burnin, rows = options["burnin"], []
+    for attempt in range(attempts):
+        # Each run gets its own chain seeds: with one seed for all, a single unlucky set of chains (a chance
+        # |drift| > 3) repeated at every step and localization and disqualified them all at once, and the
+        # agreement test assumes independent estimates.
         est = LLCEstimator(lr=lr, localization=loc, nbeta=nb, stability=False,
-                           **{**common, "draws": round(common["draws"] * stretch), "burnin": burnin,
-                              "seed": common.get("seed", 0) * 1009 + index + 7919 * attempt})
+                           **{**options, "burnin": burnin, "seed": seed + 7919 * attempt})
         r = est.run(ctx)["llc"].iloc[0].to_dict()
         r["lambda_max"] = lambda_max  # measured once for the whole grid
         r["step_curvature"] = r["lr_nbeta"] * lambda_max
         r["healthy"] = healthy(r)
+        rows.append(calibration_row(r, lr, loc, nb))
         if r["healthy"] or not still_settling(r):
             break
         # Still settling, nothing else wrong: a large model's chains at a small step need longer to reach the
         # localized posterior (a 268,800-parameter deep linear net at 0.01/nbeta, gamma 1000: drifting after
-        # 900 burn-in steps, settled after 3,000), so the point is run once more with SETTLE_BURNIN x the burn-in.
+        # 900 burn-in steps, settled after 3,000), so the point runs again with SETTLE_BURNIN x the burn-in.
         burnin *= SETTLE_BURNIN
+    return rows
+
+
+def calibration_row(r: dict, lr: str, loc: str, nb: str) -> dict:
+    """The columns of the calibration table from an llc row."""
     return {"sampler": r["sampler"], "lr_option": lr, "localization_option": loc, "nbeta_option": nb,
             "lr": r["lr"], "localization": r["localization"], "nbeta": r["nbeta"],
             "lr_nbeta": r["lr_nbeta"], "lambda_max": r["lambda_max"], "step_curvature": r["step_curvature"],
-            "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
+            "n_chains": r["n_chains"], "n_draws": r["n_draws"], "n_burnin": r["n_burnin"],
             "batch_size": r["batch_size"], "llc_mean": r["llc_mean"], "llc_std": r["llc_std"],
             "llc_sem": r["llc_sem"], "drift": r["drift"], "rhat": r["rhat"], "ess": r["ess"],
             "diverged": r["diverged"], "left_basin": r["left_basin"],
@@ -227,7 +294,8 @@ def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
 
 
 def plateau_text(table: pd.DataFrame) -> str:
-    """LLC +- s.e. for each localization (rows) and step (columns): the plateau at a glance."""
+    """LLC +- s.e. for each localization (rows) and step (columns): the plateau at a glance (grid rows)."""
+    table = grid_rows(table)
     cells = table.assign(cell=[
         f"{r.llc_mean:.4g} ± {r.llc_sem:.2g}" + ("" if r.healthy else " ✗") + (" ◀" if r.recommended else "")
         for r in table.itertuples()])
@@ -237,96 +305,6 @@ def plateau_text(table: pd.DataFrame) -> str:
     return grid[[c for c in order if c in grid]].to_string()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="analyze calibrate", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a checkpoint file (epoch-NNNN.safetensors)")
-    ap.add_argument("--lr", default=",".join(DEFAULT_GRID["lr"]),
-                    help="SGLD step sizes, comma-separated: numbers or 'c/nbeta' (default: %(default)s)")
-    ap.add_argument("--localization", default=",".join(DEFAULT_GRID["localization"]),
-                    help="localizations gamma: numbers or 'c*nbeta' (default: %(default)s)")
-    ap.add_argument("--nbeta", default="n/log n", help="nbeta values separated by ';' (default: %(default)s)")
-    ap.add_argument("--chains", type=int, default=DEFAULTS["chains"], help="chains per run (default: %(default)s)")
-    ap.add_argument("--draws", type=int, default=CALIBRATION_LENGTH,
-                    help="kept draws per chain at the largest step; k times more at a k times smaller step "
-                         "(default: %(default)s)")
-    ap.add_argument("--burnin", type=int, default=CALIBRATION_LENGTH,
-                    help="burn-in steps at the largest step, scaled like --draws (default: %(default)s)")
-    ap.add_argument("--batch-size", default=DEFAULTS["batch_size"],
-                    help="SGLD minibatch: a number (0 = full batch) or 'auto' (grows with the step, as in the "
-                         "llc estimator) (default: %(default)s)")
-    ap.add_argument("--gradient", default=DEFAULTS["gradient"], choices=GRADIENTS,
-                    help="control-variate (SGLD-CV) or minibatch gradients, as in the llc estimator "
-                         "(default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
-    ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
-                    help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
-    ap.add_argument("--out", help="analysis folder for the `calibration` table (default: <ckpt dir>/../analysis)")
-    ap.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    ap.add_argument("--data-root", help="override the dataset folder stored in the checkpoint")
-    args = ap.parse_args(argv)
-    path = Path(args.checkpoint)
-    try:
-        lrs = _list(args.lr, "--lr", parse_lr)
-        locs = _list(args.localization, "--localization", parse_localization)
-        nbetas = [v.strip() for v in args.nbeta.split(";") if v.strip()]
-        for nb in nbetas:
-            parse_nbeta(nb, 100)
-        common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
-                      seed=args.seed, sampler=args.sampler, gradient=args.gradient)
-        LLCEstimator(**common)  # option errors before loading anything
-        if not path.is_file():
-            raise CheckpointError(path, "no such checkpoint file")
-        ctx = context_for(path, args.device, args.data_root)
-        table = calibrate(ctx, lrs, locs, nbetas, common)
-    except (EstimatorError, CheckpointError, DataError) as e:
-        print(f"analyze calibrate: error: {e}", file=sys.stderr)
-        return 2
-    # Written as one task of the analysis store (same checkpoint hash, keys and completion marker as the
-    # estimators' tables), so analyze.load() and the report see it and it joins the other tables.
-    info = ctx.checkpoint
-    config = {"grid": [lrs, locs, nbetas], **common}
-    keys = {"run": info.run, "optimizer": info.optimizer, "epoch": info.epoch, "step": info.step,
-            "ckpt_hash": info.hash, "config_hash": config_hash(config)}
-    store = Store(Path(args.out) if args.out else path.resolve().parent.parent / "analysis")
-    key = task_key(info.hash, "calibration", config)
-    store.reopen(key)
-    store.write_parts(key, keys, {"calibration": table})
-    store.finish(key, {"estimator": "calibration", "checkpoint": str(path), "config": config})
-    out = store.root
-
-    print("LLC +- standard error at equal sampling time (rows: localization; columns: step; ✗ not healthy, "
-          "◀ recommended)")
-    print(plateau_text(table))
-    shown = table[["lr_option", "localization_option", "nbeta", "n_draws", "llc_mean", "llc_sem", "drift", "rhat",
-                   "step_curvature", "diverged", "left_basin", "not_at_minimum", "healthy", "agrees_with_larger_step",
-                   "recommended"]]
-    print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    lambda_max = table.lambda_max.iloc[0]
-    print(f"lambda_max of the Hessian at the checkpoint: {lambda_max:.4g}; step_curvature = eps x nbeta x lambda_max "
-          f"must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
-    unstable = [t for t in lrs if t not in set(table.lr_option)]
-    if unstable:
-        print(f"not run, unstable at this checkpoint: {', '.join(unstable)}; smaller steps replace them" if any(t not in lrs for t in table.lr_option) else
-              f"not run, unstable at this checkpoint: {', '.join(unstable)}")
-    cut_short = table.attrs.get("given_up", [])
-    if cut_short:
-        print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
-              "unhealthy even with 3x the burn-in")
-    rec = table[table.recommended]
-    if len(rec):
-        r = rec.iloc[0]
-        sampler = "" if r.sampler == "sgld" else f" --llc-sampler {r.sampler}"
-        print(f"\nrecommended:{sampler} --llc-lr {r.lr_option} --llc-localization {r.localization_option} "
-              f"--llc-nbeta '{r.nbeta_option}'   (LLC {r.llc_mean:.3g} +- {r.llc_sem:.2g}; "
-              f"at the next larger step: {r.llc_at_larger_step:.3g})")
-    elif table.not_at_minimum.all():
-        print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
-              f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
-              "a trained checkpoint")
-    else:
-        print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
-              f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}, step_curvature < {STABLE_STEP:g}) with a step that agrees with the "
-              "next larger one; try smaller steps, longer chains (--draws, --burnin), or other localizations")
-    print(f"calibration table: {out / 'calibration'}")
-    return 0
+def grid_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The grid's rows (tables written before confirmation existed have no `stage`: all grid)."""
+    return table[table["stage"] == "grid"] if "stage" in table else table

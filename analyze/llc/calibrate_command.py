@@ -1,0 +1,149 @@
+"""The `analyze calibrate CKPT` command: options, the run, the table written to the analysis store, and the
+printed plateau and recommendation. The calibration itself: analyze/llc/calibrate.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analyze.estimators.base import EstimatorError
+from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
+from analyze.llc import calibrate as calibration
+from analyze.llc.calibrate import (CALIBRATION_LENGTH, DEFAULT_GRID, calibrate, context_for, grid_rows, plateau_text,
+                                   recommended_setting)
+from analyze.llc.sampler import SAMPLERS
+from analyze.llc.stability import STABLE_STEP
+from analyze.llc.statistics import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX
+from analyze.store import Store, config_hash, task_key
+from trainer.checkpoints import CheckpointError
+from trainer.data import DataError
+
+
+def _list(text: str, flag: str, parse) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise EstimatorError(f"{flag}: give one or more values")
+    for v in values:
+        parse(v, 1.0)  # one-line error naming the flag
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="analyze calibrate", description=calibration.__doc__.split("\n\n")[0],
+                                 epilog=calibration.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint file (epoch-NNNN.safetensors)")
+    ap.add_argument("--lr", default=",".join(DEFAULT_GRID["lr"]),
+                    help="SGLD step sizes, comma-separated: numbers or 'c/nbeta' (default: %(default)s)")
+    ap.add_argument("--localization", default=",".join(DEFAULT_GRID["localization"]),
+                    help="localizations gamma: numbers or 'c*nbeta' (default: %(default)s)")
+    ap.add_argument("--nbeta", default="n/log n", help="nbeta values separated by ';' (default: %(default)s)")
+    ap.add_argument("--chains", type=int, default=DEFAULTS["chains"], help="chains per run (default: %(default)s)")
+    ap.add_argument("--draws", type=int, default=CALIBRATION_LENGTH,
+                    help="kept draws per chain at the largest step; k times more at a k times smaller step "
+                         "(default: %(default)s)")
+    ap.add_argument("--burnin", type=int, default=CALIBRATION_LENGTH,
+                    help="burn-in steps at the largest step, scaled like --draws (default: %(default)s)")
+    ap.add_argument("--batch-size", default=DEFAULTS["batch_size"],
+                    help="SGLD minibatch: a number (0 = full batch) or 'auto' (grows with the step, as in the "
+                         "llc estimator) (default: %(default)s)")
+    ap.add_argument("--gradient", default=DEFAULTS["gradient"], choices=GRADIENTS,
+                    help="control-variate (SGLD-CV) or minibatch gradients, as in the llc estimator "
+                         "(default: %(default)s)")
+    ap.add_argument("--confirm-chains", type=int, default=DEFAULTS["chains"],
+                    help="chains of the confirmation run: the recommended setting runs again at the length the study "
+                         "will use (analyze's --llc-chains, --llc-draws, --llc-burnin), with 3x and 9x the burn-in "
+                         "while still settling, before it is recommended (default: %(default)s)")
+    ap.add_argument("--confirm-draws", type=int, default=DEFAULTS["draws"],
+                    help="kept draws per chain of the confirmation run; 0: no confirmation (default: %(default)s)")
+    ap.add_argument("--confirm-burnin", type=int, default=DEFAULTS["burnin"],
+                    help="first burn-in of the confirmation run (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
+    ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
+                    help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
+    ap.add_argument("--out", help="analysis folder for the `calibration` table (default: <ckpt dir>/../analysis)")
+    ap.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    ap.add_argument("--data-root", help="override the dataset folder stored in the checkpoint")
+    args = ap.parse_args(argv)
+    path = Path(args.checkpoint)
+    try:
+        lrs = _list(args.lr, "--lr", parse_lr)
+        locs = _list(args.localization, "--localization", parse_localization)
+        nbetas = [v.strip() for v in args.nbeta.split(";") if v.strip()]
+        for nb in nbetas:
+            parse_nbeta(nb, 100)
+        common = dict(chains=args.chains, draws=args.draws, burnin=args.burnin, batch_size=args.batch_size,
+                      seed=args.seed, sampler=args.sampler, gradient=args.gradient)
+        study = dict(chains=args.confirm_chains, draws=args.confirm_draws, burnin=args.confirm_burnin)
+        LLCEstimator(**common)  # option errors before loading anything
+        if args.confirm_draws < 0 or args.confirm_chains < 1 or args.confirm_burnin < 0:
+            raise EstimatorError("--confirm-chains must be >= 1, --confirm-draws and --confirm-burnin >= 0")
+        if not path.is_file():
+            raise CheckpointError(path, "no such checkpoint file")
+        ctx = context_for(path, args.device, args.data_root)
+        table = calibrate(ctx, lrs, locs, nbetas, common, study=study if args.confirm_draws else None)
+    except (EstimatorError, CheckpointError, DataError) as e:
+        print(f"analyze calibrate: error: {e}", file=sys.stderr)
+        return 2
+    # Written as one task of the analysis store (same checkpoint hash, keys and completion marker as the
+    # estimators' tables), so analyze.load() and the report see it and it joins the other tables.
+    info = ctx.checkpoint
+    config = {"grid": [lrs, locs, nbetas], **common, "confirm": study if args.confirm_draws else None}
+    keys = {"run": info.run, "optimizer": info.optimizer, "epoch": info.epoch, "step": info.step,
+            "ckpt_hash": info.hash, "config_hash": config_hash(config)}
+    store = Store(Path(args.out) if args.out else path.resolve().parent.parent / "analysis")
+    key = task_key(info.hash, "calibration", config)
+    store.reopen(key)
+    store.write_parts(key, keys, {"calibration": table})
+    store.finish(key, {"estimator": "calibration", "checkpoint": str(path), "config": config})
+    out = store.root
+
+    print_summary(table, lrs, path)
+    print(f"calibration table: {out / 'calibration'}")
+    return 0
+
+
+def print_summary(table, lrs: list[str], path: Path) -> None:
+    """The plateau, the grid's rows, what was not run, the confirmation runs and the recommendation."""
+    grid = grid_rows(table)
+    print("LLC +- standard error at equal sampling time (rows: localization; columns: step; ✗ not healthy, "
+          "◀ recommended)")
+    print(plateau_text(table))
+    columns = ["lr_option", "localization_option", "nbeta", "n_chains", "n_draws", "n_burnin", "llc_mean", "llc_sem",
+               "drift", "rhat", "step_curvature", "diverged", "left_basin", "not_at_minimum", "healthy"]
+    number = lambda v: f"{v:.4g}"  # noqa: E731
+    print("\n" + grid[columns + ["agrees_with_larger_step", "recommended"]].to_string(index=False, float_format=number))
+    lambda_max = table.lambda_max.iloc[0]
+    print(f"lambda_max of the Hessian at the checkpoint: {lambda_max:.4g}; step_curvature = eps x nbeta x lambda_max "
+          f"must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
+    unstable = [t for t in lrs if t not in set(grid.lr_option)]
+    if unstable:
+        added = any(t not in lrs for t in grid.lr_option)
+        print(f"not run, unstable at this checkpoint: {', '.join(unstable)}" + ("; smaller steps replace them" if added else ""))
+    cut_short = table.attrs.get("given_up", [])
+    if cut_short:
+        print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
+              "unhealthy even with 3x the burn-in")
+    confirmations = table[table["stage"] == "confirmation"] if "stage" in table else table.iloc[:0]
+    if len(confirmations):
+        print("\nconfirmation at the study's length (the grid's pick, run again with its chains and draws):")
+        print(confirmations[columns].to_string(index=False, float_format=number))
+    setting = recommended_setting(table)
+    if setting:
+        sampler = "" if grid.sampler.iloc[0] == "sgld" else f" --llc-sampler {grid.sampler.iloc[0]}"
+        burnin = f" --llc-burnin {setting['burnin']}" if setting["burnin"] is not None else ""
+        print(f"\nrecommended:{sampler} --llc-lr {setting['lr']} --llc-localization {setting['localization']} "
+              f"--llc-nbeta '{setting['nbeta']}'{burnin}   (LLC {setting['llc_mean']:.3g} +- {setting['llc_sem']:.2g}; "
+              f"at the next larger step: {setting['llc_at_larger_step']:.3g})")
+    elif grid.not_at_minimum.all():
+        print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
+              f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
+              "a trained checkpoint")
+    elif len(confirmations):
+        print("\nno setting qualifies at the study's length: the chains of every setting the grid picked were still "
+              "unhealthy in the confirmation runs, even with 9x the burn-in; try more --confirm-burnin, or longer "
+              "calibration chains (--draws, --burnin)")
+    else:
+        print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
+              f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}, step_curvature < {STABLE_STEP:g}) with a step that agrees with the "
+              "next larger one; try smaller steps, longer chains (--draws, --burnin), or other localizations")

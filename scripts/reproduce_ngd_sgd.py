@@ -12,7 +12,9 @@ Hessian trace than SGD. Stages, each timed and printed:
    checkpoint (estimates are comparable only at equal settings); the validated defaults if none qualifies;
 3. Hessian trace at every checkpoint: the exact trace (diagonal Gauss-Newton, equal to Tr(H) on a ReLU net)
    and lambda_max, with the standard error of the sample subset, plus the `evaluate` losses;
-4. LLC at every checkpoint at the calibrated setting, the study's chain and draw counts (2 x 1,000);
+4. LLC at the calibrated setting on every fifth epoch (--llc-epochs; at the burn-in its chains need, every
+   checkpoint would take about an hour here, beyond the 45-minute budget), the study's chain and draw counts
+   (2 x 1,000);
 5. the study's own sampler setting (eps 1e-4, gamma 100, 2 x 1,000, plain minibatches of 128) on every
    fifth epoch, side by side;
 6. the report, and the verdicts: NGD above / below / no different from SGD, for the LLC and for Tr(H), at
@@ -187,7 +189,7 @@ def main() -> int:
     ap.add_argument("--llc-localization", help="localization for the LLC at every checkpoint, in place of "
                     "calibrate's pick")
     ap.add_argument("--llc-epochs", help="the LLC at the calibrated setting only at these epochs (analyze's --epochs "
-                    "syntax, e.g. 0-80:5; default: every checkpoint)")
+                    "syntax, e.g. 0-80 for every checkpoint; default: every fifth epoch, 0-<num_epochs>:5)")
     ap.add_argument("--calibration-draws", type=int, default=150,
                     help="draws (and burn-in) per calibration chain at the largest step; k times more at a k "
                          "times smaller step (default: %(default)s)")
@@ -245,11 +247,12 @@ def main() -> int:
     with stage("Hessian trace (and evaluate), every checkpoint", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate,hessian", *CURVATURE, "--no-report", *common])
     llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"])]
-    which = f"epochs {args.llc_epochs}" if args.llc_epochs else "every checkpoint"
+    args.llc_epochs = args.llc_epochs or f"0-{epochs}:5"
+    which = f"epochs {args.llc_epochs}"
     with stage(f"LLC at the calibrated setting, {which}", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin), "--llc-lr", lr,
              "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report", *common]
-            + (["--epochs", args.llc_epochs] if args.llc_epochs else []))
+            + ["--epochs", args.llc_epochs])
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
     with stage("LLC at the study's setting, every fifth epoch", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,
@@ -329,7 +332,7 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
         f"- LLC, calibrated setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch "
         f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {study[2]['num_draws']} draws after "
         f"{settings['calibrated']['n_burnin']} burn-in; nbeta = n / log n; "
-        + (f"epochs {args.llc_epochs} (--llc-epochs)." if args.llc_epochs else "every checkpoint."),
+        + f"epochs {args.llc_epochs} (--llc-epochs).",
         f"- LLC, the study's setting: eps {study[2]['sampler_lr']:g}, "
         f"gamma {study[2]['localization']:g}, plain minibatches of {study[1]['batch_size']}, same chains and draws, "
         f"{STUDY_BURNIN} burn-in (the notebook's), every fifth epoch.",

@@ -122,7 +122,6 @@ def _ours_math(model, x) -> list[float]:
 
     from analyze import hsic as hm
 
-    m = len(x)
     x, outs = _layer_outputs(model, x)
     KY, _ = hm.gaussian_kernel(torch.softmax(outs[-1].to(torch.float64), dim=1), SIGMA)
     plane = hm.information_plane(x, KY, outs[:-1], kernel="gaussian", sigma=SIGMA, name="pyglow")

@@ -110,3 +110,26 @@ def markers(out: Path) -> set[str]:
 def parts(out: Path, table: str) -> list[Path]:
     """A table's part files in an analysis folder."""
     return sorted((out / table).glob("part-*.parquet")) if (out / table).is_dir() else []
+
+
+class PeakMemory:
+    """`with PeakMemory() as peak: ...; peak.grown` = bytes the peak RSS rose above the RSS at entry, in this
+    process. The kernel's high-water mark is reset at entry (/proc/self/clear_refs): ru_maxrss cannot be reset,
+    and after an earlier, larger peak (another test, or the forking parent's, kept across exec) it would hide
+    any growth."""
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1])
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        self.start = self._status_kb("VmRSS:")
+        self.grown = 0
+        return self
+
+    def __exit__(self, *exc):
+        self.grown = (self._status_kb("VmHWM:") - self.start) * 1024
+        return False

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -307,3 +308,46 @@ def test_trains_digits_and_differs_from_sgd():
     assert loss_ngd < 0.5 * loss0, (loss0, loss_ngd)
     diff = sum((a - b).norm().item() for a, b in zip(ngd_model.parameters(), sgd_model.parameters()))
     assert diff > 1e-2
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from trainer.optim.ngd import NGD
+from trainer.optim.factory import memory_bytes
+
+
+def peak_rss():  # VmHWM: this process's own high-water mark (ru_maxrss would carry the forking parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+d, e = int(sys.argv[1]), int(sys.argv[2])
+w = torch.nn.Parameter(torch.randn(60, 50))  # warm-up: LAPACK and the allocator's first arenas are not NGD's
+warm = NGD([w], lr=1e-3, momentum=0.9)
+for _ in range(12):
+    w.grad = torch.randn(60, 50)
+    warm.step()
+p = torch.nn.Parameter(torch.randn(d, e) * 0.01)
+g = torch.randn(d, e)
+before = peak_rss()
+opt = NGD([p], lr=1e-3, momentum=0.9)
+for _ in range(12):  # the first 10 steps all refresh both axes
+    p.grad = g
+    opt.step()
+print(peak_rss() - before,
+      memory_bytes({"name": "ngd", "momentum": 0.9}, [(d, e)]))
+"""
+
+
+@pytest.mark.parametrize("shape", [(1500, 1500), (3000, 200), (200, 3000)])
+def test_the_memory_cap_counts_what_ngd_steps_really_take(shape):
+    """The memory NGD adds (its factors and a refresh's transients, trainer/optim/ngd.memory_bytes), against the
+    peak RSS growth of real steps in a fresh process: never below it (train-ckpts' memory cap relies on it), and
+    within 3x of it (a cap that refuses what would fit is a cap nobody can use)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *map(str, shape)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=True).stdout
+    grown, predicted = map(float, out.split())
+    assert grown <= predicted <= 3 * grown, (grown, predicted)

@@ -5,6 +5,7 @@ device; one line instead of a traceback for bad files and options. Real files an
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,13 +50,19 @@ def write_bomb(run_dir: Path, model_spec: dict, dataset_spec: dict) -> Path:
 
 # Runs analyze (the worker's code, in this process: --workers 0) after importing everything it imports, so
 # the growth of the peak RSS is what the checkpoint makes the loader build.
+# The peak is this process's own VmHWM: ru_maxrss is kept across exec, so it would start at the forking pytest
+# process's size and could hide the growth.
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import pandas, pyarrow.parquet, sklearn.datasets, torch, tqdm.auto
     import analyze.cli, analyze.runner, analyze.worker, analyze.estimators.evaluate, analyze.estimators.weights
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_kb():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+
+    before = peak_kb()
     code = analyze.cli.main([sys.argv[1], "--workers", "0", "--no-report", "--estimators", "evaluate"])
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    grown = peak_kb() - before
     print(json.dumps({"code": code, "grown_mb": grown / 1024}))
 """)
 
@@ -95,12 +102,29 @@ def test_the_cap_is_a_flag(tiny_ckpts, capsys):
 @pytest.mark.parametrize("argv, option", [
     (["--hidden-nodes", "1000000000", "--hidden-layers", "1"], "'hidden_nodes'"),
     (["--dataset", "teacher", "--teacher-hidden-nodes", "3000000"], "'teacher_hidden_nodes'"),
+    # 10000 x 10000 weights fit a 2 GB cap for SGD (1.2 GB with gradients and momentum), not NGD's Fisher factors
+    (["--hidden-nodes", "10000", "--hidden-layers", "2", "--experiment-type", "standard", "--optimizer", "ngd",
+      "--max-memory-gb", "2"], "run ffnn-2x10000-ngd"),
 ])
 def test_train_ckpts_refuses_a_model_or_teacher_over_the_cap_naming_the_option(tmp_path, capsys, argv, option):
     assert train_main(argv + ["--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and option in err and "memory cap" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_cap_counts_the_optimizer():
+    """SGD's gradients and momentum and NGD's factors count against the cap: the NGD run above is refused where
+    the same model trained by SGD fits."""
+    from trainer.models import build_bytes, parameter_shapes
+    from trainer.optim.factory import memory_bytes
+
+    spec = {"type": "ffnn", "input_shape": [64], "outputs": 10, "hidden_nodes": 10000, "hidden_layers": 2}
+    shapes = parameter_shapes(spec)
+    params = sum(math.prod(s) for s in shapes) * 4
+    sgd = build_bytes(spec) + memory_bytes({"name": "sgd", "momentum": 0.9}, shapes)
+    ngd = build_bytes(spec) + memory_bytes({"name": "ngd", "momentum": 0.9}, shapes)
+    assert sgd == pytest.approx(3 * params, rel=0.01) and sgd < 2 * 2**30 < ngd
 
 
 # ====================================================================== only regular files, bounded

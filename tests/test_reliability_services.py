@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 from helpers import ENV, PY, analyze_proc, free_port, markers, running_dask_cluster, stop
 from trainer.checkpoints import checkpoint_name

@@ -29,8 +29,9 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
 from trainer.loop import NonFiniteLoss, evaluate, train_epoch
-from trainer.models import build_bytes, build_model, family_name, model_spec_from_config
+from trainer.models import build_bytes, build_model, family_name, model_spec_from_config, parameter_shapes
 from trainer.optim.factory import build_optimizer, optimizer_settings
+from trainer.optim.factory import memory_bytes as optimizer_memory
 from trainer.truth import true_learning_coefficient
 
 RUN_FORMAT = 1
@@ -112,13 +113,15 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
         raise ConfigError(f"invalid value for 'teacher_samples', 'teacher_input_dim' or 'teacher_hidden_nodes': {e}") from None
     specs = model_spec_from_config(cfg, splits.input_shape, splits.outputs)
     option = MODEL_OPTION[cfg.model_type]
-    for spec in specs:  # fail on an unbuildable or too large model before anything is allocated or written
+    plans = plan_runs(cfg, specs)
+    for plan in plans:  # fail on an unbuildable or too large model before anything is allocated or written
+        spec = plan.model_spec
         try:
-            budget.check(build_bytes(spec), limit, f"the model {family_name(spec)}")
-            build_model(spec)
+            # the model and a batch's activations, plus what its optimizer adds (gradients, momentum, NGD's factors)
+            need = build_bytes(spec) + optimizer_memory(plan.optimizer, parameter_shapes(spec))
+            budget.check(need, limit, f"run {plan.name} (its model, a batch of activations and its optimizer)")
         except ValueError as e:  # OverBudget included
             raise ConfigError(f"invalid value for '{option}': {e}") from None
-    plans = plan_runs(cfg, specs)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"invalid value for 'out': {out} is a file, not a folder")
     try:

@@ -66,6 +66,12 @@ def build_bytes(spec: dict[str, Any]) -> float:
     return params + 4.0 * BUDGET_BATCH * probe  # float32 activations
 
 
+def parameter_shapes(spec: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The shapes of the parameters of the model a spec describes, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in build_model(spec).parameters()]
+
+
 def validate_spec(spec: Any) -> None:
     """Check a model spec's keys and value types (the builders trust them)."""
     if not isinstance(spec, dict):

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analyze.catalog import CheckpointInfo
-from analyze.estimators.base import Context, EstimatorError
+from analyze.estimators.base import Context
 from analyze.estimators.llc import LLCEstimator, parse_lr, parse_nbeta
 from analyze.llc.statistics import healthy
 from analyze.llc.stability import STABLE_STEP, top_hessian_eigenvalue

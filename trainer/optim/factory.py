@@ -15,6 +15,20 @@ def optimizer_settings(name: str, cfg) -> dict:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def memory_bytes(settings: dict, shapes: list[tuple[int, ...]], element_size: int = 4) -> float:
+    """Memory training with this optimizer takes beyond the parameters: their gradients, the momentum
+    buffer, and NGD's Fisher factors (trainer/optim/ngd.py). A float, for the memory cap (common/budget.py)."""
+    import math
+
+    params = sum(math.prod(float(d) for d in shape) for shape in shapes) * element_size
+    need = params * (2.0 if settings.get("momentum", 0) else 1.0)
+    if settings["name"] == "ngd":
+        from trainer.optim.ngd import memory_bytes as ngd_bytes
+
+        need += ngd_bytes(shapes, element_size)
+    return need
+
+
 def build_optimizer(settings: dict, params) -> torch.optim.Optimizer:
     kw = {k: v for k, v in settings.items() if k != "name"}
     if settings["name"] == "sgd":

@@ -38,6 +38,27 @@ def fisher_rank(d: int) -> int:
     return min((d + 1) // 2, 80)
 
 
+def memory_bytes(shapes: list[tuple[int, ...]], element_size: int = 4) -> float:
+    """Memory NGD takes for parameters of these shapes beyond the parameters, their gradients and momentum:
+    the kept factors of every axis (U_a, lam_a, rho_a), plus the largest step's transients. A refresh of axis a
+    of an n-element parameter holds the gradient's copy X, its float64 square (for the trace, 4n), M, its
+    extension and its rescaled copy (d x K each, K = n / d + R), the d x d or K x K Gram matrix with its
+    eigenvectors and LAPACK's workspace (4 min(d, K)^2), and the new U_a; the preconditioning and Nesterov
+    step add a few copies of n. Counted with some slack (10n): tests/test_ngd.py checks that the peak RSS of
+    real steps stays below it, and not far below. A float: products of file numbers can exceed any int64."""
+    kept, peak = 0.0, 0.0
+    for shape in shapes:
+        n = math.prod(float(d) for d in shape)
+        for d in shape:
+            if d <= 1:
+                continue
+            R = fisher_rank(d)
+            K = n / d + R
+            kept += d * R + R + 1.0
+            peak = max(peak, 10.0 * n + 3.0 * d * K + 4.0 * min(d, K) ** 2 + 2.0 * d * R)
+    return (kept + peak) * element_size
+
+
 def _update_due(step: int) -> bool:
     """Refresh schedule: each of the first 10 steps, then every 4 steps."""
     return step <= 10 or (step - 10) % 4 == 0

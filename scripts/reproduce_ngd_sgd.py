@@ -70,7 +70,7 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, st
     """Step, localization and burn-in: calibrate's recommendation at the cut-off, or the validated defaults."""
     import analyze
     from analyze.estimators.llc import DEFAULTS
-    from analyze.llc.calibrate import recommended_setting
+    from analyze.llc.calibration_table import recommended_setting
 
     calibration = analyze.load(str(analysis)).get("calibration")
     if calibration is not None:

@@ -32,7 +32,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from analyze.llc.calibrate import calibrate, context_for, plateau_text  # noqa: E402
+from analyze.llc.calibrate import calibrate, context_for  # noqa: E402
+from analyze.llc.calibration_table import plateau_text  # noqa: E402
 from analyze.estimators.llc import DEFAULTS, LLCEstimator  # noqa: E402
 from trainer.checkpoints import checkpoint_name  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402

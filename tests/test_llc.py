@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyze.llc.calibrate import calibrate, context_for, recommended_setting
+from analyze.llc.calibrate import calibrate, context_for
+from analyze.llc.calibration_table import recommended_setting
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator

@@ -148,21 +148,6 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     return pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
 
 
-def recommended_setting(table: pd.DataFrame) -> dict | None:
-    """The recommended setting: lr, localization and nbeta options, burn-in (None when it was not confirmed:
-    any), chains and draws it was run at, and its LLC; None when nothing is recommended."""
-    rec = table[table.recommended.fillna(False).astype(bool)]
-    if not len(rec):
-        return None
-    stage = rec["stage"] if "stage" in rec else pd.Series("grid", index=rec.index)
-    confirmed = rec[stage == "confirmation"]
-    r = (confirmed if len(confirmed) else rec).iloc[0]
-    return {"lr": str(r.lr_option), "localization": str(r.localization_option), "nbeta": str(r.nbeta_option),
-            "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
-            "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem),
-            "llc_at_larger_step": float(rec.iloc[0].llc_at_larger_step)}
-
-
 def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,
                lambda_max: float) -> dict:
     """One calibration row: the llc estimator at (lr, loc, nb) for the sampling time of `largest`."""
@@ -291,20 +276,3 @@ def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
             if len(agreeing):
                 return agreeing.index[0]
     return None
-
-
-def plateau_text(table: pd.DataFrame) -> str:
-    """LLC +- s.e. for each localization (rows) and step (columns): the plateau at a glance (grid rows)."""
-    table = grid_rows(table)
-    cells = table.assign(cell=[
-        f"{r.llc_mean:.4g} ± {r.llc_sem:.2g}" + ("" if r.healthy else " ✗") + (" ◀" if r.recommended else "")
-        for r in table.itertuples()])
-    grid = cells.pivot_table(index=["nbeta_option", "localization_option"], columns="lr_option", values="cell",
-                             aggfunc="first", sort=False)
-    order = table.drop_duplicates("lr_option").sort_values("lr", ascending=False).lr_option
-    return grid[[c for c in order if c in grid]].to_string()
-
-
-def grid_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The grid's rows (tables written before confirmation existed have no `stage`: all grid)."""
-    return table[table["stage"] == "grid"] if "stage" in table else table

@@ -10,8 +10,8 @@ from pathlib import Path
 from analyze.estimators.base import EstimatorError
 from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
 from analyze.llc import calibrate as calibration
-from analyze.llc.calibrate import (CALIBRATION_LENGTH, DEFAULT_GRID, calibrate, context_for, grid_rows, plateau_text,
-                                   recommended_setting)
+from analyze.llc.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID, calibrate, context_for
+from analyze.llc.calibration_table import grid_rows, plateau_text, recommended_setting
 from analyze.llc.sampler import SAMPLERS
 from analyze.llc.stability import STABLE_STEP
 from analyze.llc.statistics import DRIFT_MAX, NOT_AT_MINIMUM_SE, RHAT_MAX

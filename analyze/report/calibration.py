@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from analyze.llc.calibration_table import grid_rows
 from analyze.report.data import ReportData
 from analyze.report.markup import html_table
 from analyze.report.style import style
@@ -15,10 +16,10 @@ def calibration_table(data: ReportData, family: str) -> str | None:
     cal = cal[cal["run"].astype(str).isin(data.family_runs(family))]
     if not len(cal):
         return None
-    order = ["run", "epoch", "sampler", "lr_option", "localization_option", "lr", "localization", "nbeta_option",
-             "nbeta", "n_draws", "llc_mean", "llc_sem", "llc_std", "drift", "rhat", "ess", "diverged", "left_basin",
-             "not_at_minimum", "healthy", "llc_at_larger_step", "agrees_with_larger_step", "llc_truth",
-             "init_loss", "mean_sampled_loss", "recommended"]
+    order = ["run", "epoch", "stage", "sampler", "lr_option", "localization_option", "lr", "localization",
+             "nbeta_option", "nbeta", "n_chains", "n_draws", "n_burnin", "llc_mean", "llc_sem", "llc_std", "drift",
+             "rhat", "ess", "diverged", "left_basin", "not_at_minimum", "healthy", "llc_at_larger_step",
+             "agrees_with_larger_step", "llc_truth", "init_loss", "mean_sampled_loss", "recommended"]
     cols = [c for c in order if c in cal] + [c for c in cal if c not in order and c not in
                                                ("optimizer", "step", "ckpt_hash", "config_hash")]
     cal = cal.sort_values([c for c in ("run", "epoch", "lr", "localization") if c in cal])
@@ -33,7 +34,7 @@ def plateau(data: ReportData, family: str):
     cal = data.tables.get("calibration")
     if cal is None:
         return None
-    cal = cal[cal["run"].astype(str).isin(data.family_runs(family))]
+    cal = grid_rows(cal[cal["run"].astype(str).isin(data.family_runs(family))])  # confirmation runs: other lengths
     if "lr_nbeta" not in cal or not len(cal):
         return None  # tables from before the equal-time calibration
     fig = go.Figure()

@@ -405,6 +405,22 @@ def test_recommendation_skips_a_localization_where_any_step_is_unhealthy():
     assert recommend(table.assign(healthy=False), ["n/log n"], ["1", "100"]) is None
 
 
+def test_a_plateau_must_reach_the_smallest_step():
+    """The demo's MLP at gamma 1: 51 and 50 at 0.1 and 0.03 / nbeta agree, but 43 at 0.01 falls away, so the larger
+    pair is no plateau and nothing is recommended there; the stronger localization's bottom plateau is."""
+    from analyze.llc.calibrate import bottom_plateau, recommend
+
+    table = pd.DataFrame({
+        "nbeta_option": ["n/log n"] * 6, "localization_option": ["1"] * 3 + ["10"] * 3,
+        "localization": [1.0] * 3 + [10.0] * 3, "lr": [0.1, 0.03, 0.01] * 2, "healthy": [True] * 6,
+        "agrees_with_larger_step": [False, True, False, False, False, True]})
+    assert bottom_plateau(table[table.localization_option == "1"]).empty
+    assert list(bottom_plateau(table[table.localization_option == "10"]).lr) == [0.01]
+    assert recommend(table, ["n/log n"], ["1", "10"]) == 5
+    table.loc[2, "agrees_with_larger_step"] = True  # now 0.01 agrees with 0.03 too: the plateau runs up to 0.03
+    assert recommend(table, ["n/log n"], ["1", "10"]) == 1
+
+
 def test_standard_error_matches_the_spread_over_chain_seeds(mlp_context, make_ckpts):
     """Over 20 chain seeds, the SD of llc_mean matches the mean reported llc_sem within a factor 1.5, on a deep
     linear net (where ArviZ's within-chain mcse was 6x too large) and on a ReLU MLP."""

@@ -12,10 +12,12 @@ with SETTLE_BURNIN x the burn-in; if it is still unhealthy, the smaller steps at
 (analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
 stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
 errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
-at which every step is healthy (strong localization biases the LLC low), and at it the largest step that
-agrees with the next larger one. The two are on the plateau, and of the two the smaller carries the
-smaller step-size bias (which grows with the step: a larger step that merely agrees within the tolerance
-can still be 10% high). Where no two steps agree at the weakest healthy localization, up to EXTRA_STEPS
+at which every step is healthy (strong localization biases the LLC low), and at it the plateau the smallest
+steps reach: from the smallest step up, the steps that agree with their next larger one (bottom_plateau), of
+which the largest is recommended. It and its larger neighbour are on the plateau, and of the two it carries
+the smaller step-size bias (which grows with the step: a larger step that merely agrees within the tolerance
+can still be 10% high). A larger pair that agrees while a smaller step falls away is not a plateau. Where the
+smallest step at the weakest healthy localization does not agree with its larger neighbour, up to EXTRA_STEPS
 steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. Last, the
 pick is confirmed at the length the study will run (its chains and draws; `confirm`): the grid's short chains
 cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and is
@@ -221,8 +223,8 @@ def with_recommendation(table: pd.DataFrame, nbetas: list[str], localizations: l
 
 def extend_downwards(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
                      lambda_max: float, progress: bool) -> pd.DataFrame:
-    """At the weakest localization where every step is healthy, if no two neighbouring steps agree, the steps
-    still carry a step-size bias: up to EXTRA_STEPS steps a factor 3 smaller are tried there (at equal sampling
+    """At the weakest localization where every step is healthy, if the smallest step does not agree with its
+    larger neighbour (no bottom plateau), the steps still carry a step-size bias: up to EXTRA_STEPS steps a factor 3 smaller are tried there (at equal sampling
     time) before a stronger localization is accepted, since a stronger one biases the LLC low (on a 784->10
     linear regression, gamma 1000 came out 13-22% low where a smaller step at gamma 100 was right)."""
     for nb in nbetas:
@@ -232,11 +234,11 @@ def extend_downwards(ctx: Context, table: pd.DataFrame, nbetas: list[str], local
                         if at_nb[at_nb.localization_option == loc].healthy.all()), None)
         for _ in range(EXTRA_STEPS if weakest is not None else 0):
             group = table[(table.nbeta_option == nb) & (table.localization_option == weakest)]
-            if len(group) < 2 or group.agrees_with_larger_step.any() or not group.healthy.all():
+            if len(group) < 2 or len(bottom_plateau(group)) or not group.healthy.all():
                 break  # a single step asked for is a query, not a plateau to extend
             lr = f"{group.lr_nbeta.min() / 3:.2g}/nbeta"
             if progress:
-                print(f"calibration: no two steps agree at localization {weakest}; trying the smaller step {lr}",
+                print(f"calibration: no plateau at localization {weakest} yet; trying the smaller step {lr}",
                       file=sys.stderr)
             row = grid_point(ctx, lr, weakest, nb, largest, common, len(table), lambda_max)
             table = with_recommendation(pd.concat([table, pd.DataFrame([row])]), nbetas, localizations)
@@ -272,7 +274,16 @@ def recommend(table: pd.DataFrame, nbetas: list[str], localizations: list[str]):
             group = at_nb[at_nb.localization_option == loc]
             if not group.healthy.all():
                 continue
-            agreeing = group[group.agrees_with_larger_step].sort_values("lr", ascending=False)
-            if len(agreeing):
-                return agreeing.index[0]
+            plateau = bottom_plateau(group)
+            if len(plateau):
+                return plateau.index[-1]
     return None
+
+
+def bottom_plateau(group: pd.DataFrame) -> pd.DataFrame:
+    """The steps of one localization, smallest first, that agree with their next larger step, up to the first
+    that does not: the plateau the smallest steps reach. A larger pair that agrees while a smaller step falls
+    away is not a plateau (the demo's MLP at gamma 1: 51 and 50 at 0.1 and 0.03 / nbeta, 43 at 0.01)."""
+    ordered = group.sort_values("lr")
+    agreeing = ordered.agrees_with_larger_step.astype(bool)
+    return ordered[agreeing.cumprod().astype(bool)]

@@ -403,12 +403,22 @@ def test_diverging_ngd_run_stops_cleanly(tmp_path):
         load_model(path)
 
 
-def test_jobs_train_the_branches_at_once_with_the_same_results(tmp_path, make_ckpts):
+def test_jobs_train_the_branches_at_once_with_the_same_results(tmp_path):
     """--jobs 2 trains a swap's two branches in two processes (after the trunk): every checkpoint and resume
-    state is byte for byte the one a single process writes."""
-    settings = dict(num_epochs=3, cut_off_epochs=2)
-    one = make_ckpts(tmp_path / "one", **settings)
-    two = make_ckpts(tmp_path / "two", jobs=2, **settings)
+    state is byte for byte the one a single process writes, and the log lines are the same."""
+    settings = dict(dataset="digits", model_type="ffnn", hidden_nodes=[8], hidden_layers=[1], experiment_type="swap",
+                    optimizer="both", cut_off_epochs=2, num_epochs=3, batch_size=64, sgd_lr=0.05, ngd_lr=0.05, seed=3,
+                    quiet=True)
+    logs = {"one": [], "two": []}
+    for name, jobs in (("one", 1), ("two", 2)):
+        statuses = experiment.run_experiment(TrainConfig(out=str(tmp_path / name), jobs=jobs, **settings),
+                                             log=logs[name].append)
+        assert set(statuses.values()) == {"complete"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    # the branches' epoch lines reach the caller's log from the child processes too (in either order)
+    untimed = {name: sorted(line.rsplit("  ", 1)[0] for line in lines) for name, lines in logs.items()}  # "0.1s"
+    assert untimed["two"] == untimed["one"]
+    assert any(line.startswith("[ffnn-1x8-swap-ngd] epoch 3/3") for line in logs["two"])
     runs = sorted(p.name for p in one.iterdir() if p.is_dir())
     assert runs == sorted(p.name for p in two.iterdir() if p.is_dir()) and len(runs) == 3
     for run in runs:

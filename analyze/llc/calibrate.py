@@ -53,7 +53,7 @@ CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default g
 # along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
 SETTLE_BURNIN = 3  # burn-in factor for a grid point whose chains were still settling (drift or R-hat only)
 CONFIRM_RUNS = 3  # the recommendation at the study's length: its burn-in, then 3x and 9x while still settling
-EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when no two steps agree there
+EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when its smallest step has no plateau
 DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
 
 
@@ -78,8 +78,8 @@ def agree(a: dict, b: dict) -> bool:
 def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: list[str], common: dict,
               progress: bool = True, study: dict | None = None) -> pd.DataFrame:
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
-    smaller k times as many (equal sampling time). Where no two steps agree at the weakest healthy localization,
-    smaller steps are tried there before a stronger one is accepted (extend_downwards). With `study` (chains,
+    smaller k times as many (equal sampling time). Where the smallest steps reach no plateau at the weakest
+    healthy localization, smaller steps are tried there before a stronger one is accepted (extend_downwards). With `study` (chains,
     draws, burnin: the length the llc estimator will run at), the recommendation is confirmed at that length
     (confirm); `stage` tells grid rows from confirmation rows."""
     n = len(ctx.splits.train)
@@ -121,8 +121,8 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     study's chains and draws; while it is still settling, with SETTLE_BURNIN x the burn-in, up to CONFIRM_RUNS
     runs. The burn-in that settles it becomes part of the recommendation. The burn-in is found by the chains'
     own drift rather than set by a formula: 1/(eps gamma), the relaxation time of a flat direction, bounds the
-    settling time, but is 10-100x too long wherever the loss is curved enough to hold the chains (every case of
-    the truth suite settles within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000).
+    settling time, but is up to 18x too long wherever the loss is curved enough to hold the chains (every case
+    of the truth suite settles within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000).
     A localization whose recommendation does not settle is set aside and the next recommendation (a stronger
     localization) is confirmed instead. Confirmation rows join the table with stage "confirmation"; the
     grid row and the confirmation row of the confirmed setting are marked recommended, and nothing is when no

@@ -131,7 +131,8 @@ def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
     # The worker processes start with SIGINT ignored (a disposition spawned processes inherit), so Ctrl-C
     # in the terminal interrupts this process only: it stops the work, and the workers do not print a
-    # traceback each. (Workers a nanny restarts later do not inherit it.)
+    # traceback each. Workers a nanny restarts after a death are spawned after it was restored here: the
+    # IgnoreInterrupts plugin sets it in every worker, those included.
     # The workers' own logs are silenced too (unless debugging): a task's failure is its error row, a
     # worker's death a KilledWorker row, and what they log while a cluster is closed under them (heartbeat
     # and nanny tracebacks) is noise.
@@ -142,7 +143,11 @@ def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     finally:
         signal.signal(signal.SIGINT, previous)
     with cluster, Client(cluster) as client, _quiet_if_cut_short(debug):
+        from analyze.worker_plugins import IgnoreInterrupts
+
+        client.register_plugin(IgnoreInterrupts())
         yield client
+
 
 
 @contextmanager

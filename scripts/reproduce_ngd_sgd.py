@@ -9,7 +9,8 @@ Hessian trace than SGD. Stages, each timed and printed:
 1. training (train-ckpts, the two branches at once after the trunk with --jobs 2; resumed when the output
    folder exists);
 2. calibration: `analyze calibrate` on the cut-off checkpoint; its recommendation is used for every
-   checkpoint (estimates are comparable only at equal settings); the validated defaults if none qualifies;
+   checkpoint (estimates are comparable only at equal settings); when none is confirmed, the setting validated on
+   a truth model of the model's size (SCALE_FALLBACK at the study's size, the defaults on a small model);
 3. Hessian trace at every checkpoint: the exact trace (diagonal Gauss-Newton, equal to Tr(H) on a ReLU net)
    and lambda_max, with the standard error of the sample subset, plus the `evaluate` losses;
 4. LLC at the calibrated setting on every fifth epoch (--llc-epochs; at the burn-in its chains need, every
@@ -56,6 +57,11 @@ CURVATURE = ["--hessian-trace-method", "exact", "--hessian-spectrum", "false", "
 PROG = "reproduce_ngd_sgd"
 STUDY_BURNIN = 0  # the notebook sets none: devinterp's estimate_learning_coeff default, 0 burn-in steps
 CONFIRM_BURNIN = 300  # the first burn-in calibrate confirms its pick with (then 3x, 9x while the chains settle)
+# When calibrate confirms nothing on a model of the study's size: the defaults' chains leave the basin there, and
+# docs/llc-validation-scale.md found gamma 1000 at 0.01/nbeta (settled after 2,000-3,000 burn-in steps) the weakest
+# localization that holds a 268,800-parameter deep linear net's chains, so that setting is used, and said so.
+LARGE_MODEL = 100_000  # parameters
+SCALE_FALLBACK = ("0.01/nbeta", "1000", 2000)
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -66,11 +72,13 @@ def bin_path(name: str) -> str:
     return _stages.bin_path(name, PROG)
 
 
-def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, str, int, str]:
-    """Step, localization and burn-in: calibrate's recommendation at the cut-off, or the validated defaults."""
+def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
+    """Step, localization and burn-in: calibrate's recommendation at the cut-off; when none qualified, the
+    setting validated on a truth model of the model's size (the defaults, or SCALE_FALLBACK on a large model)."""
     import analyze
     from analyze.estimators.llc import DEFAULTS
     from analyze.llc.calibration_table import recommended_setting
+    from trainer.checkpoints import read_checkpoint
 
     calibration = analyze.load(str(analysis)).get("calibration")
     if calibration is not None:
@@ -78,6 +86,11 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int) -> tuple[str, st
         if setting:
             burnin = setting["burnin"] if setting["burnin"] is not None else DEFAULTS["burnin"]
             return setting["lr"], setting["localization"], burnin, "calibrate's recommendation"
+    parameters = sum(t.numel() for t in read_checkpoint(cut_ckpt).tensors.values())
+    if parameters >= LARGE_MODEL:
+        return (*SCALE_FALLBACK, f"no calibrated setting qualified: the setting validated on the {parameters:,}-"
+                "parameter model's size (docs/llc-validation-scale.md: the weakest localization that keeps the "
+                "chains of a 268,800-parameter deep linear net in the basin, 20-30% below its truth there)")
     return (DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
             "no calibrated setting qualified: the validated defaults")
 
@@ -236,7 +249,7 @@ def main() -> int:
                 # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
                 # oversubscription made each chain step 7x slower here (the dask workers run one thread each too)
                 env={"OMP_NUM_THREADS": "1"})
-        lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut)
+        lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
     if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
         why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
                f"burn-in {burnin} ({why})")

@@ -90,6 +90,31 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_counting_the_finished_tasks(tiny_
     assert f"{5 - kept} task(s) to compute, {kept} already complete" in err
 
 
+def test_ctrl_c_after_a_worker_was_restarted_is_still_one_line(tiny_ckpts, tmp_path):
+    """A worker killed mid-run is restarted by its nanny, in a process that no longer inherits analyze's ignored
+    SIGINT; Ctrl-C afterwards still ends in one line, without the restarted worker's traceback."""
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def pids() -> set[int]:  # the worker processes that started a task (marker files <pid>-<run>-...)
+        return {int(p.name.split("-")[0]) for p in started.iterdir()}
+
+    env = {**ENV, "ANALYZE_TEST_STARTED": str(started)}
+    proc = analyze_proc(tiny_ckpts, *SLOW, "--slownorms-seconds", "4", "--workers", "2", env=env)
+    try:
+        wait_for(lambda: len(pids()) >= 2, proc, what="both workers busy")
+        before = pids()
+        os.kill(min(before), signal.SIGKILL)
+        wait_for(lambda: pids() - before, proc, what="a task on the restarted worker")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode == 130
+    assert one_problem(err).startswith("analyze: interrupted; rerun to resume"), err
+    assert not NOISE.search(err), err
+
+
 def test_a_scheduler_dying_mid_run_is_reported_as_its_death_not_as_task_errors(tiny_ckpts, tmp_path):
     out = tiny_ckpts / "analysis"
     (tmp_path / "dask").mkdir()

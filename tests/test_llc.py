@@ -507,3 +507,16 @@ def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
     assert "NOT HEALTHY" in captured.out
     warning = [line for line in captured.err.splitlines() if "not healthy" in line]
     assert len(warning) == 1 and "1 of 1 LLC estimates" in warning[0] and "analyze calibrate" in warning[0]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--confirm-chains", "1"], "--confirm-chains"),
+    (["--confirm-draws", "-5"], "--confirm-draws"),
+    (["--lr", "fast"], "--llc-lr"),
+])
+def test_calibrate_refuses_bad_options_in_one_line_before_loading(tmp_path, capsys, argv, flag):
+    from analyze.cli import main
+
+    assert main(["calibrate", str(tmp_path / "missing.safetensors"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("analyze calibrate: error:") and flag in err

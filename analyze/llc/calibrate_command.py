@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                       seed=args.seed, sampler=args.sampler, gradient=args.gradient)
         study = dict(chains=args.confirm_chains, draws=args.confirm_draws, burnin=args.confirm_burnin)
         LLCEstimator(**common)  # option errors before loading anything
-        if args.confirm_draws < 0 or args.confirm_chains < 1 or args.confirm_burnin < 0:
-            raise EstimatorError("--confirm-chains must be >= 1, --confirm-draws and --confirm-burnin >= 0")
+        if args.confirm_draws < 0 or args.confirm_chains < 2 or args.confirm_burnin < 0:
+            raise EstimatorError("--confirm-chains must be >= 2 (the drift test compares chains), --confirm-draws and "
+                                 "--confirm-burnin >= 0")
         if not path.is_file():
             raise CheckpointError(path, "no such checkpoint file")
         ctx = context_for(path, args.device, args.data_root)

@@ -2,11 +2,11 @@
 
 import copy
 import math
-import os
 
 import pytest
 import torch
 
+from helpers import ENV
 from trainer.optim import NGD
 from trainer.optim.ngd import (
     dense_natural_direction,
@@ -312,14 +312,9 @@ def test_trains_digits_and_differs_from_sgd():
 
 _PEAK_SCRIPT = """
 import sys, torch
+from helpers import PeakMemory
 from trainer.optim.ngd import NGD
 from trainer.optim.factory import memory_bytes
-
-
-def peak_rss():  # VmHWM: this process's own high-water mark (ru_maxrss would carry the forking parent's over exec)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
 
 d, e = int(sys.argv[1]), int(sys.argv[2])
 w = torch.nn.Parameter(torch.randn(60, 50))  # warm-up: LAPACK and the allocator's first arenas are not NGD's
@@ -329,12 +324,12 @@ for _ in range(12):
     warm.step()
 p = torch.nn.Parameter(torch.randn(d, e) * 0.01)
 g = torch.randn(d, e)
-before = peak_rss()
-opt = NGD([p], lr=1e-3, momentum=0.9)
-for _ in range(12):  # the first 10 steps all refresh both axes
-    p.grad = g
-    opt.step()
-print(peak_rss() - before,
+with PeakMemory() as peak:
+    opt = NGD([p], lr=1e-3, momentum=0.9)
+    for _ in range(12):  # the first 10 steps all refresh both axes
+        p.grad = g
+        opt.step()
+print(peak.grown,
       memory_bytes({"name": "ngd", "momentum": 0.9}, [(d, e)]))
 """
 
@@ -348,6 +343,6 @@ def test_the_memory_cap_counts_what_ngd_steps_really_take(shape):
     import sys
 
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *map(str, shape)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=True).stdout
+                         env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300, check=True).stdout
     grown, predicted = map(float, out.split())
     assert grown <= predicted <= 3 * grown, (grown, predicted)

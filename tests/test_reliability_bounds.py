@@ -52,22 +52,18 @@ def write_bomb(run_dir: Path, model_spec: dict, dataset_spec: dict) -> Path:
 # Runs analyze (the worker's code, in this process: --workers 0) after importing everything it imports, so
 # the growth of the peak RSS is what the checkpoint makes the loader build.
 # Runs analyze on a copy of the study without the bomb first (argv[2]): every lazy import, allocator arena and
-# thread pool a normal run brings is then in place. The peak (VmHWM) is then reset to the current RSS
-# (/proc/self/clear_refs) and the run on the bomb's folder (argv[1]) measured: its growth is what the bomb made
-# the loader build. (ru_maxrss cannot be reset, and is kept across exec from the forking pytest process.)
+# thread pool a normal run brings is then in place. The run on the bomb's folder (argv[1]) is then measured with
+# helpers.PeakMemory (the high-water mark reset first): its growth is what the bomb made the loader build.
 MEASURE = textwrap.dedent("""
     import json, sys
     import analyze.cli
-
-    def status_kb(key):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+    from helpers import PeakMemory
 
     args = ["--workers", "0", "--no-report", "--estimators", "evaluate"]
     assert analyze.cli.main([sys.argv[2], *args]) == 0  # the warm-up: the same run without the bomb
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    before = status_kb("VmRSS:")
-    code = analyze.cli.main([sys.argv[1], *args])
-    print(json.dumps({"code": code, "grown_mb": (status_kb("VmHWM:") - before) / 1024}))
+    with PeakMemory() as peak:
+        code = analyze.cli.main([sys.argv[1], *args])
+    print(json.dumps({"code": code, "grown_mb": peak.grown / 2**20}))
 """)
 
 

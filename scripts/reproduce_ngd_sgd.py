@@ -263,9 +263,9 @@ def main() -> int:
     args.llc_epochs = args.llc_epochs or f"0-{epochs}:5"
     which = f"epochs {args.llc_epochs}"
     with stage(f"LLC at the calibrated setting, {which}", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin), "--llc-lr", lr,
-             "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report", *common]
-            + ["--epochs", args.llc_epochs])
+        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin),
+             "--llc-lr", lr, "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report",
+             "--epochs", args.llc_epochs, *common])
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
     with stage("LLC at the study's setting, every fifth epoch", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,

@@ -79,9 +79,9 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
               progress: bool = True, study: dict | None = None) -> pd.DataFrame:
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
     smaller k times as many (equal sampling time). Where the smallest steps reach no plateau at the weakest
-    healthy localization, smaller steps are tried there before a stronger one is accepted (extend_downwards). With `study` (chains,
-    draws, burnin: the length the llc estimator will run at), the recommendation is confirmed at that length
-    (confirm); `stage` tells grid rows from confirmation rows."""
+    healthy localization, smaller steps are tried there before a stronger one is accepted (extend_downwards).
+    With `study` (chains, draws, burnin: the length the llc estimator will run at), the recommendation is
+    confirmed at that length (confirm); `stage` tells grid rows from confirmation rows."""
     n = len(ctx.splits.train)
     lambda_max = top_hessian_eigenvalue(ctx)
     rows, given_up_all = [], set()
@@ -224,9 +224,10 @@ def with_recommendation(table: pd.DataFrame, nbetas: list[str], localizations: l
 def extend_downwards(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
                      lambda_max: float, progress: bool) -> pd.DataFrame:
     """At the weakest localization where every step is healthy, if the smallest step does not agree with its
-    larger neighbour (no bottom plateau), the steps still carry a step-size bias: up to EXTRA_STEPS steps a factor 3 smaller are tried there (at equal sampling
-    time) before a stronger localization is accepted, since a stronger one biases the LLC low (on a 784->10
-    linear regression, gamma 1000 came out 13-22% low where a smaller step at gamma 100 was right)."""
+    larger neighbour (no bottom plateau), the steps still carry a step-size bias: up to EXTRA_STEPS steps a
+    factor 3 smaller are tried there (at equal sampling time) before a stronger localization is accepted, since a
+    stronger one biases the LLC low (on a 784->10 linear regression, gamma 1000 came out 13-22% low where a
+    smaller step at gamma 100 was right)."""
     for nb in nbetas:
         at_nb = table[table.nbeta_option == nb]
         largest = at_nb.sort_values("lr").lr_option.iloc[-1]

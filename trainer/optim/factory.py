@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -18,8 +20,6 @@ def optimizer_settings(name: str, cfg) -> dict:
 def memory_bytes(settings: dict, shapes: list[tuple[int, ...]], element_size: int = 4) -> float:
     """Memory training with this optimizer takes beyond the parameters: their gradients, the momentum
     buffer, and NGD's Fisher factors (trainer/optim/ngd.py). A float, for the memory cap (common/budget.py)."""
-    import math
-
     params = sum(math.prod(float(d) for d in shape) for shape in shapes) * element_size
     need = params * (2.0 if settings.get("momentum", 0) else 1.0)
     if settings["name"] == "ngd":

@@ -8,16 +8,18 @@ Hessian trace than SGD. Stages, each timed and printed:
 
 1. training (train-ckpts, the two branches at once after the trunk with --jobs 2; resumed when the output
    folder exists);
-2. calibration: `analyze calibrate` on the cut-off checkpoint; its recommendation is used for every
-   checkpoint (estimates are comparable only at equal settings); when none is confirmed, the setting validated on
-   a truth model of the model's size (SCALE_FALLBACK at the study's size, the defaults on a small model);
+2. calibration: `analyze calibrate` on the cut-off checkpoint, in the background from the moment the trunk
+   has written it (alongside stages 1, 3 and 4, which leave a core idle or share both); its recommendation is
+   used for every checkpoint (estimates are comparable only at equal settings); when none is confirmed, the
+   setting validated on a truth model of the model's size (SCALE_FALLBACK at the study's size, the defaults
+   on a small model);
 3. Hessian trace at every checkpoint: the exact trace (diagonal Gauss-Newton, equal to Tr(H) on a ReLU net)
    and lambda_max, with the standard error of the sample subset, plus the `evaluate` losses;
-4. LLC at the calibrated setting on every fifth epoch (--llc-epochs; at the burn-in its chains need, every
-   checkpoint would take about an hour here, beyond the 45-minute budget), the study's chain and draw counts
-   (2 x 1,000);
-5. the study's own sampler setting (eps 1e-4, gamma 100, 2 x 1,000, plain minibatches of 128) on every
-   fifth epoch, side by side;
+4. the study's own sampler setting (eps 1e-4, gamma 100, 2 x 1,000, plain minibatches of 128) on every
+   fifth epoch;
+5. LLC at the calibrated setting, side by side, on every fifth epoch from the cut-off (--llc-epochs: the
+   epochs the verdicts compare; at the burn-in its chains need, every checkpoint would take about an hour
+   here, beyond the 45-minute budget), the study's chain and draw counts (2 x 1,000);
 6. the report, and the verdicts: NGD above / below / no different from SGD, for the LLC and for Tr(H), at
    matched epoch and at matched training loss (each NGD checkpoint against the SGD checkpoint nearest in
    training loss: NGD trains faster, and both measures move as the loss falls). Only checkpoints whose
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import _stages  # noqa: E402  (scripts/, the script's own folder)
-from _stages import past_timings, stage  # noqa: E402
+from _stages import past_timings, record, stage  # noqa: E402
 from analyze import branch_compare as bc  # noqa: E402
 
 # The study's own args file (its format: [hyperparameters, data args, sampler args]).
@@ -62,6 +65,7 @@ CONFIRM_BURNIN = 300  # the first burn-in calibrate confirms its pick with (then
 # localization that holds a 268,800-parameter deep linear net's chains, so that setting is used, and said so.
 LARGE_MODEL = 100_000  # parameters
 SCALE_FALLBACK = ("0.01/nbeta", "1000", 2000)
+CALIBRATION = "calibration (alongside the stages before the calibrated LLC)"
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -184,6 +188,73 @@ def markdown_table(table: pd.DataFrame) -> str:
                      + ["| " + " | ".join(r) + " |" for r in cells])
 
 
+def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Path, data: list[str],
+           common: list[str], timings: dict, log: Path) -> tuple[str, str, int, str]:
+    """Train, calibrate, and run the estimators; return the calibrated LLC setting (lr, loc, burn-in, why).
+
+    The calibration needs only the cut-off checkpoint: it starts as soon as the trunk has written it and runs
+    in the background alongside the branches' training, the Hessian stage and the study's-setting LLC (which
+    leave a core idle or share both), so its time mostly overlaps theirs."""
+    hp, sampler = study[0], study[2]
+    cut, epochs = hp["cut_off_epochs"], hp["num_epochs"]
+    cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
+    calibrate = [bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
+                 "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
+                 # the pick is confirmed at the study's chain and draw counts, from CONFIRM_BURNIN burn-in steps
+                 "--confirm-chains", str(sampler["num_chains"]), "--confirm-draws", str(sampler["num_draws"]),
+                 "--confirm-burnin", str(CONFIRM_BURNIN),
+                 "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device]
+    calibration_log = out / "calibration.log"
+    calibrating, calibration_began = None, 0.0
+    try:
+        with stage("training", timings, log):
+            trainer = _stages.start(
+                [bin_path("train-ckpts"), "--config", str(out / "args_ngd_sgd.json"), "--out", str(ckpts), *data,
+                 "--device", args.device, "--quiet", "--jobs", str(args.train_jobs)]
+                + (["--resume"] if ckpts.exists() else []), PROG)
+            if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
+                while not cut_ckpt.exists() and trainer.poll() is None:  # written by rename: complete once there
+                    time.sleep(1.0)
+                if cut_ckpt.exists():
+                    calibration_began = time.perf_counter()
+                    # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
+                    # oversubscription made each chain step 7x slower here (the dask workers run one thread too)
+                    calibrating = _stages.start(calibrate, PROG, calibration_log, env={"OMP_NUM_THREADS": "1"})
+            _stages.finish(trainer, PROG)
+        with stage("Hessian trace (and evaluate), every checkpoint", timings, log):
+            run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate,hessian", *CURVATURE, "--no-report",
+                 *common])
+        llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"])]
+        with stage("LLC at the study's setting, every fifth epoch", timings, log):
+            run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,
+                 "--llc-burnin", str(STUDY_BURNIN), "--llc-lr", f"{sampler['sampler_lr']:g}",
+                 "--llc-localization", f"{sampler['localization']:g}", "--llc-gradient", "minibatch",
+                 "--llc-batch-size", str(study[1]["batch_size"]), "--no-report", *common])
+        if calibrating is not None:
+            print("\n=== calibration (in the background since the cut-off checkpoint was written)", flush=True)
+            _stages.finish(calibrating, PROG, calibration_log)
+            record(CALIBRATION, time.perf_counter() - calibration_began, timings, log)
+            print(f"=== calibration: {timings[CALIBRATION] / 60:.1f} min, overlapping the stages above", flush=True)
+    finally:
+        if calibrating is not None and calibrating.poll() is None:  # this script failed or was interrupted
+            calibrating.terminate()
+    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
+    if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
+        why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
+               f"burn-in {burnin} ({why})")
+        lr, loc = args.llc_lr or lr, args.llc_localization or loc
+        burnin = args.llc_burnin if args.llc_burnin is not None else burnin
+    print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
+          f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {burnin} burn-in")
+    with stage(f"LLC at the calibrated setting, epochs {args.llc_epochs}", timings, log):
+        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin),
+             "--llc-lr", lr, "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report",
+             "--epochs", args.llc_epochs, *common])
+    with stage("report", timings, log):
+        run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate", *common])
+    return lr, loc, burnin, why
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +273,8 @@ def main() -> int:
     ap.add_argument("--llc-localization", help="localization for the LLC at every checkpoint, in place of "
                     "calibrate's pick")
     ap.add_argument("--llc-epochs", help="the LLC at the calibrated setting only at these epochs (analyze's --epochs "
-                    "syntax, e.g. 0-80 for every checkpoint; default: every fifth epoch, 0-<num_epochs>:5)")
+                    "syntax, e.g. 0-80 for every checkpoint; default: every fifth epoch from the cut-off, "
+                    "<cut_off_epochs>-<num_epochs>:5, the epochs the verdicts compare)")
     ap.add_argument("--calibration-draws", type=int, default=150,
                     help="draws (and burn-in) per calibration chain at the largest step; k times more at a k "
                          "times smaller step (default: %(default)s)")
@@ -232,48 +304,14 @@ def main() -> int:
     common = [*data, "--device", args.device] + (["--workers", str(args.workers)] if args.workers else [])
     timings: dict[str, float] = {}  # this invocation's stages; OUT/timings.json sums them over resumed runs
     log = out / "timings.json"
+    args.llc_epochs = args.llc_epochs or f"{cut}-{epochs}:5"
 
-    with stage("training", timings, log):
-        run([bin_path("train-ckpts"), "--config", str(out / "args_ngd_sgd.json"), "--out", str(ckpts), *data,
-             "--device", args.device, "--quiet", "--jobs", str(args.train_jobs)]
-            + (["--resume"] if ckpts.exists() else []))
-    with stage("calibration", timings, log):
-        cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
-        if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
-            run([bin_path("analyze"), "calibrate", str(cut_ckpt), "--chains", str(args.calibration_chains),
-                 "--draws", str(args.calibration_draws), "--burnin", str(args.calibration_draws),
-                 # the pick is confirmed at the study's chain and draw counts, from CONFIRM_BURNIN burn-in steps
-                 "--confirm-chains", str(sampler["num_chains"]), "--confirm-draws", str(sampler["num_draws"]),
-                 "--confirm-burnin", str(CONFIRM_BURNIN),
-                 "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device],
-                # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
-                # oversubscription made each chain step 7x slower here (the dask workers run one thread each too)
-                env={"OMP_NUM_THREADS": "1"})
-        lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
-    if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
-        why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
-               f"burn-in {burnin} ({why})")
-        lr, loc = args.llc_lr or lr, args.llc_localization or loc
-        burnin = args.llc_burnin if args.llc_burnin is not None else burnin
-    print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
-          f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {burnin} burn-in")
-    with stage("Hessian trace (and evaluate), every checkpoint", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate,hessian", *CURVATURE, "--no-report", *common])
-    llc_options = ["--llc-chains", str(sampler["num_chains"]), "--llc-draws", str(sampler["num_draws"])]
-    args.llc_epochs = args.llc_epochs or f"0-{epochs}:5"
-    which = f"epochs {args.llc_epochs}"
-    with stage(f"LLC at the calibrated setting, {which}", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin),
-             "--llc-lr", lr, "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report",
-             "--epochs", args.llc_epochs, *common])
+    began = time.perf_counter()
+    try:
+        lr, loc, burnin, why = stages(args, out, study, family, ckpts, analysis, data, common, timings, log)
+    finally:  # an interrupted invocation's time counts too: a rerun resumes its work
+        record(_stages.WALL, time.perf_counter() - began, timings, log)
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
-    with stage("LLC at the study's setting, every fifth epoch", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--epochs", f"0-{epochs}:5", *llc_options,
-             "--llc-burnin", str(STUDY_BURNIN),
-             "--llc-lr", study_lr, "--llc-localization", study_loc, "--llc-gradient", "minibatch",
-             "--llc-batch-size", str(study[1]["batch_size"]), "--no-report", *common])
-    with stage("report", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate", *common])
 
     import analyze
 
@@ -296,9 +334,9 @@ def main() -> int:
     print("\n".join(lines))
     (out / "verdict.txt").write_text("\n".join(lines) + "\n")
     totals = past_timings(log)
-    print("\ntimings (summed over the runs on this folder): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in
-                                                                      totals.items())
-          + f"; total {sum(totals.values()) / 60:.1f} min")
+    print("\ntimings (summed over the runs on this folder): "
+          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items() if k != _stages.WALL)
+          + f"; wall time {totals.get(_stages.WALL, sum(totals.values())) / 60:.1f} min")
     if args.doc:
         write_doc(Path(args.doc), study, tables, family, cut, settings, lr, loc, why, args, totals, lines, sections)
     return 0
@@ -364,12 +402,14 @@ def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, ar
         "",
         "## Timings on this machine",
         "",
-        "Each stage's time summed over the invocations that built this output folder (OUT/timings.json).",
+        "Each stage's time summed over the invocations that built this output folder (OUT/timings.json). The "
+        "calibration runs in the background from the moment the cut-off checkpoint exists, so its time overlaps "
+        "the stages before the calibrated LLC; the total is the wall time.",
         "",
         "| stage | minutes |",
         "|---|---|",
-        *[f"| {k} | {v / 60:.1f} |" for k, v in timings.items()],
-        f"| total | {sum(timings.values()) / 60:.1f} |",
+        *[f"| {k} | {v / 60:.1f} |" for k, v in timings.items() if k != _stages.WALL],
+        f"| total (wall time) | {timings.get(_stages.WALL, sum(timings.values())) / 60:.1f} |",
         "",
     ]
     for label, verdict_text, table in sections:

@@ -7,8 +7,10 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -26,26 +28,55 @@ def run(cmd: list[str], prog: str, env: dict[str, str] | None = None) -> None:
     finish(start(cmd, prog, env=env), prog)
 
 
-def start(cmd: list[str], prog: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+@dataclass
+class Command:
+    """A command `start`ed in the background: its process, when it began and (once it has exited) ended."""
+    process: subprocess.Popen
+    log: Path | None
+    began: float
+    ended: float | None = None
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def seconds(self) -> float:
+        """How long it ran, to its exit (which may come well before `finish` collects it)."""
+        self.process.wait()
+        while self.ended is None:  # its watcher thread sets it right after the exit
+            time.sleep(0.01)
+        return self.ended - self.began
+
+
+def start(cmd: list[str], prog: str, log: Path | None = None, env: dict[str, str] | None = None) -> Command:
     """Start a command and return at once; its output goes to `log` if given (it runs alongside other commands,
     whose output it would interleave), else to this terminal. `finish` waits for it."""
     print("+", shlex.join(cmd) + (f"  (in the background, output in {log})" if log else ""), flush=True)
     environment = {**os.environ, **env} if env else None
+    began = time.perf_counter()
     if log is None:
-        return subprocess.Popen(cmd, env=environment)
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(cmd, env=environment)
+    else:
+        with open(log, "w") as out:
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environment)
+    command = Command(process, log, began)
+
+    def note_exit():
+        process.wait()
+        command.ended = time.perf_counter()
+
+    threading.Thread(target=note_exit, daemon=True).start()
+    return command
 
 
-def finish(process: subprocess.Popen, prog: str, log: Path | None = None) -> None:
-    """Wait for a `start`ed command (and print its `log`); a failure ends the script with one line."""
-    status = process.wait()
-    if log is not None:
-        print(log.read_text(errors="replace"), end="", flush=True)
+def finish(command: Command, prog: str) -> None:
+    """Wait for a `start`ed command (and print its log); a failure ends the script with one line."""
+    status = command.process.wait()
+    if command.log is not None:
+        print(command.log.read_text(errors="replace"), end="", flush=True)
     if status != 0:
-        where = "above" + (f" (also in {log})" if log else "")
-        raise SystemExit(f"{prog}: {Path(process.args[0]).name} failed (exit {status}); see its message {where} "
-                         "(a rerun resumes what finished)")
+        where = "above" + (f" (also in {command.log})" if command.log else "")
+        raise SystemExit(f"{prog}: {Path(command.process.args[0]).name} failed (exit {status}); see its message "
+                         f"{where} (a rerun resumes what finished)")
 
 
 WALL = "wall time"  # the key of the invocations' summed wall time in a timings log (stages may overlap)

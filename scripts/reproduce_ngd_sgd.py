@@ -188,6 +188,17 @@ def markdown_table(table: pd.DataFrame) -> str:
                      + ["| " + " | ".join(r) + " |" for r in cells])
 
 
+def llc_setting(args, analysis: Path, family: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
+    """The calibrated setting (calibrated_setting), or what --llc-lr/--llc-localization/--llc-burnin give."""
+    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
+    if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
+        why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
+               f"burn-in {burnin} ({why})")
+        lr, loc = args.llc_lr or lr, args.llc_localization or loc
+        burnin = args.llc_burnin if args.llc_burnin is not None else burnin
+    return lr, loc, burnin, why
+
+
 def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Path, data: list[str],
            common: list[str], timings: dict, log: Path) -> tuple[str, str, int, str]:
     """Train, calibrate, and run the estimators; return the calibrated LLC setting (lr, loc, burn-in, why).
@@ -203,9 +214,11 @@ def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Pat
                  # the pick is confirmed at the study's chain and draw counts, from CONFIRM_BURNIN burn-in steps
                  "--confirm-chains", str(sampler["num_chains"]), "--confirm-draws", str(sampler["num_draws"]),
                  "--confirm-burnin", str(CONFIRM_BURNIN),
+                 # the study's chain count stays (each row reports its standard error): no extra chains
+                 "--precision", "0",
                  "--batch-size", args.llc_batch_size, "--out", str(analysis), *data, "--device", args.device]
     calibration_log = out / "calibration.log"
-    calibrating, calibration_began = None, 0.0
+    calibrating = None
     try:
         with stage("training", timings, log):
             trainer = _stages.start(
@@ -213,10 +226,9 @@ def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Pat
                  "--device", args.device, "--quiet", "--jobs", str(args.train_jobs)]
                 + (["--resume"] if ckpts.exists() else []), PROG)
             if not (analysis / "calibration").exists():  # a resumed run keeps its calibration
-                while not cut_ckpt.exists() and trainer.poll() is None:  # written by rename: complete once there
+                while not cut_ckpt.exists() and trainer.running():  # written by rename: complete once there
                     time.sleep(1.0)
                 if cut_ckpt.exists():
-                    calibration_began = time.perf_counter()
                     # one thread: at batch 64 more threads cost more than they give, and on a busy machine their
                     # oversubscription made each chain step 7x slower here (the dask workers run one thread too)
                     calibrating = _stages.start(calibrate, PROG, calibration_log, env={"OMP_NUM_THREADS": "1"})
@@ -232,18 +244,13 @@ def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Pat
                  "--llc-batch-size", str(study[1]["batch_size"]), "--no-report", *common])
         if calibrating is not None:
             print("\n=== calibration (in the background since the cut-off checkpoint was written)", flush=True)
-            _stages.finish(calibrating, PROG, calibration_log)
-            record(CALIBRATION, time.perf_counter() - calibration_began, timings, log)
+            _stages.finish(calibrating, PROG)
+            record(CALIBRATION, calibrating.seconds(), timings, log)
             print(f"=== calibration: {timings[CALIBRATION] / 60:.1f} min, overlapping the stages above", flush=True)
     finally:
-        if calibrating is not None and calibrating.poll() is None:  # this script failed or was interrupted
-            calibrating.terminate()
-    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
-    if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
-        why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
-               f"burn-in {burnin} ({why})")
-        lr, loc = args.llc_lr or lr, args.llc_localization or loc
-        burnin = args.llc_burnin if args.llc_burnin is not None else burnin
+        if calibrating is not None and calibrating.running():  # this script failed or was interrupted
+            calibrating.process.terminate()
+    lr, loc, burnin, why = llc_setting(args, analysis, family, cut, cut_ckpt)
     print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
           f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {burnin} burn-in")
     with stage(f"LLC at the calibrated setting, epochs {args.llc_epochs}", timings, log):
@@ -279,6 +286,8 @@ def main() -> int:
                     help="draws (and burn-in) per calibration chain at the largest step; k times more at a k "
                          "times smaller step (default: %(default)s)")
     ap.add_argument("--calibration-chains", type=int, default=2, help="chains per calibration grid point")
+    ap.add_argument("--doc-only", action="store_true", help="run nothing: the verdicts and --doc from the finished "
+                    "analysis in --out (with the same study options), e.g. after the page's layout changed")
     ap.add_argument("--dataset", help="override the study's dataset (e.g. digits for a smoke run)")
     ap.add_argument("--num-epochs", type=int, help="override num_epochs (smoke runs)")
     ap.add_argument("--cut-off-epochs", type=int, help="override cut_off_epochs (smoke runs)")
@@ -306,11 +315,17 @@ def main() -> int:
     log = out / "timings.json"
     args.llc_epochs = args.llc_epochs or f"{cut}-{epochs}:5"
 
-    began = time.perf_counter()
-    try:
-        lr, loc, burnin, why = stages(args, out, study, family, ckpts, analysis, data, common, timings, log)
-    finally:  # an interrupted invocation's time counts too: a rerun resumes its work
-        record(_stages.WALL, time.perf_counter() - began, timings, log)
+    if args.doc_only:
+        if not (analysis / "llc").is_dir():
+            raise SystemExit(f"{PROG}: --doc-only: {analysis} holds no finished analysis; run without it first")
+        cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
+        lr, loc, burnin, why = llc_setting(args, analysis, family, cut, cut_ckpt)
+    else:
+        began = time.perf_counter()
+        try:
+            lr, loc, burnin, why = stages(args, out, study, family, ckpts, analysis, data, common, timings, log)
+        finally:  # an interrupted invocation's time counts too: a rerun resumes its work
+            record(_stages.WALL, time.perf_counter() - began, timings, log)
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
 
     import analyze

@@ -13,7 +13,8 @@ trained student's by about this much (about lambda / log n for a regular model).
 
 Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick | --scale] [--doc docs/llc-validation.md]
        [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
---quick runs a small subset (the tests use it); the full suite with --calibrate takes about 20 minutes here. --scale
+--quick runs a small subset (the tests use it); the full suite with --calibrate takes about 12 minutes here
+(--jobs 2). --scale
 runs the cases at the NGD-vs-SGD study's size instead (their calibration over SCALE_GRID, marked "scale grid").
 docs/llc-validation.jsonl keeps the rows behind docs/llc-validation.md (--json); --from-json rebuilds the page.
 """
@@ -22,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -103,7 +108,8 @@ def estimate(ctx, options: dict) -> dict:
 
 def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
     """analyze calibrate's recommendation for this checkpoint (over `grid`, default: calibrate's), confirmed at
-    the estimator's chain and draw counts as the command does by default: its confirmation run is the estimate."""
+    the estimator's chain and draw counts as the command does by default (with the chains its precision asks
+    for): its recommended confirmation run is the estimate."""
     start = time.perf_counter()
     table = calibrate(ctx, progress=False, **calibration_args(options, grid))
     plateau = plateau_text(table)
@@ -113,7 +119,8 @@ def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
                 "setting": "none qualified", "plateau": plateau}
     row = confirmed.iloc[0].to_dict()
     row["wall_seconds"] = time.perf_counter() - start
-    row["setting"] = (f"lr {row['lr_option']}, loc {row['localization_option']}, burn-in {row['n_burnin']}"
+    row["setting"] = (f"lr {row['lr_option']}, loc {row['localization_option']}, burn-in {row['n_burnin']}, "
+                      f"{row['n_chains']} chains"
                       + (" (scale grid)" if grid else ""))
     row["plateau"] = plateau
     return row
@@ -131,6 +138,43 @@ def calibration_args(options: dict, grid: dict | None = None) -> dict:
             "common": common, "study": study}
 
 
+def run_cases(work: list[tuple], jobs: int):
+    """case_rows of each item of `work`, in order. Cases are independent: `jobs` of them run at once, each in its
+    own process on one thread (these small models gain nothing from more, and two multi-threaded processes on two
+    cores only oversubscribe them)."""
+    if jobs <= 1:
+        yield from (case_rows(*item) for item in work)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        yield from pool.map(case_rows, *zip(*work))
+
+
+def case_rows(case: Case, out: Path, options: dict, with_calibration: bool) -> list[dict]:
+    """Train the case (or reuse it) and estimate at its two points: one table row per point."""
+    contexts = {point: context_for(path) for point, path in checkpoints(case, out).items()}
+    estimates = {point: estimate(ctx, options) for point, ctx in contexts.items()}
+    trained_loss = estimates["trained"]["init_loss"]  # L_n at the trained student, the estimator's baseline
+    rows = []
+    for point, ctx in contexts.items():
+        d = estimates[point]
+        row = {"case": case.name, "point": point, "n": d["n"], "d": sum(p.numel() for p in ctx.model.parameters()),
+               "truth": d["llc_truth"], "llc": d["llc_mean"], "sem": d["llc_sem"], "drift": d["drift"],
+               "rhat": d["rhat"], "error": d["llc_mean"] / d["llc_truth"] - 1, "seconds": d["wall_seconds"],
+               # the true parameter is not the empirical loss's minimum: the estimate there is expected to sit
+               # below the one at the trained student by about this much
+               "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
+               "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
+        if with_calibration:
+            c = calibrated(ctx, options, SCALE_GRID if case.scale else None)
+            row.update(cal_llc=c["llc_mean"], cal_sem=c["llc_sem"], cal_error=c["llc_mean"] / d["llc_truth"] - 1,
+                       cal_seconds=c["wall_seconds"], cal_setting=c.get("setting"))
+            if case.scale:  # the plateau behind the recommendation, shown on the page (the table is too wide)
+                row["cal_plateau"] = c["plateau"]
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", action="store_true", help="the cases at the NGD-vs-SGD study's size (n = 60,000, up to "
                     "268,800 parameters; about 1.5 hours here)")
     ap.add_argument("--calibrate", action="store_true", help="also estimate at analyze calibrate's recommendation")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="cases run at once, one process and one thread each (default: the cores, %(default)s)")
     ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/llc-validation.md)")
     ap.add_argument("--json", help="write the rows as JSON lines to this file")
     ap.add_argument("--from-json", help="rebuild the table (and --doc) from the rows a previous --json wrote, "
@@ -162,28 +208,12 @@ def main(argv: list[str] | None = None) -> int:
              else [c.name for c in CASES if c.scale == args.scale])
     out = Path(args.out)
     start = time.perf_counter()
+    cases = [c for c in CASES if c.name in names]
+    work = [(case, out, options, args.calibrate) for case in cases]
     rows = []
-    for case in (c for c in CASES if c.name in names):
-        contexts = {point: context_for(path) for point, path in checkpoints(case, out).items()}
-        estimates = {point: estimate(ctx, options) for point, ctx in contexts.items()}
-        trained_loss = estimates["trained"]["init_loss"]  # L_n at the trained student, the estimator's baseline
-        for point, ctx in contexts.items():
-            d = estimates[point]
-            row = {"case": case.name, "point": point, "n": d["n"], "d": sum(
-                p.numel() for p in ctx.model.parameters()), "truth": d["llc_truth"],
-                   "llc": d["llc_mean"], "sem": d["llc_sem"], "drift": d["drift"], "rhat": d["rhat"],
-                   "error": d["llc_mean"] / d["llc_truth"] - 1, "seconds": d["wall_seconds"],
-                   # the true parameter is not the empirical loss's minimum: the estimate there is expected to
-                   # sit below the one at the trained student by about this much
-                   "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
-                   "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
-            if args.calibrate:
-                c = calibrated(ctx, options, SCALE_GRID if case.scale else None)
-                row.update(cal_llc=c["llc_mean"], cal_sem=c["llc_sem"], cal_error=c["llc_mean"] / d["llc_truth"] - 1,
-                           cal_seconds=c["wall_seconds"], cal_setting=c.get("setting"))
-                if case.scale:  # the plateau behind the recommendation, shown on the page (the table is too wide)
-                    row["cal_plateau"] = c["plateau"]
-            rows.append(row)
+    for case_result in run_cases(work, args.jobs):
+        rows += case_result
+        for row in case_result:
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:

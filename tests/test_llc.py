@@ -256,7 +256,7 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     study = dict(chains=4, draws=400, burnin=100)
     full = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
                      nbetas=["n/log n"], common=dict(chains=4, draws=300, burnin=100, batch_size="0"),
-                     progress=False, study=study)
+                     progress=False, study=study, precision=0)
     # the pick ran once more at the study's length, was healthy there, and is recommended with that burn-in
     confirmation = full[full.stage == "confirmation"]
     assert len(confirmation) == 1 and confirmation.healthy.all() and confirmation.recommended.all()
@@ -288,6 +288,44 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     exact = torch.linalg.eigvalsh(design.T @ design / (len(x) * 0.5 ** 2))[-1].item()
     assert table.lambda_max.iloc[0] == pytest.approx(exact, rel=1e-4)
     np.testing.assert_allclose(table.step_curvature, table.lr_nbeta * exact, rtol=1e-4)
+
+
+def test_more_chains_bring_the_standard_error_to_the_precision_asked():
+    from analyze.llc.calibrate import MAX_CHAINS, more_chains
+
+    row = {"n_chains": 4, "llc_mean": 5.0, "llc_sem": 0.5}
+    assert more_chains(row, 0.05) == 16  # (0.5 / 0.25)^2 = 4 times the chains
+    assert more_chains({**row, "llc_sem": 0.3}, 0.05) == 6  # 4 x 1.44 = 5.76, rounded up
+    assert more_chains({**row, "llc_sem": 0.2}, 0.05) == 4  # already precise enough
+    assert more_chains({**row, "llc_sem": 2.0}, 0.05) == MAX_CHAINS  # 256 asked, capped
+    assert more_chains({**row, "n_chains": 20, "llc_sem": 2.0}, 0.05) == 20  # never fewer than it ran
+    assert more_chains(row, 0) == 4 and more_chains({**row, "llc_sem": float("nan")}, 0.05) == 4
+
+
+def test_calibration_confirms_with_the_chains_its_precision_needs():
+    """A confirmed pick whose standard error is above `precision` of its LLC runs once more, at its settled burn-in,
+    with the chains that bring it there; that run is the recommendation, its chains included."""
+    from analyze.llc.calibrate import more_chains
+
+    ctx = linear_regression_context(10)
+    full = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1"], nbetas=["n/log n"],
+                     common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False,
+                     study=dict(chains=2, draws=400, burnin=300), precision=0.02)
+    confirmation = full[full.stage == "confirmation"]
+    assert len(confirmation) == 2 and confirmation.healthy.all()
+    first, precise = confirmation.iloc[0], confirmation.iloc[1]
+    assert first.llc_sem > 0.02 * first.llc_mean  # two chains are not precise enough for 2%
+    assert precise.n_chains == more_chains(first.to_dict(), 0.02) > 2
+    assert (precise.n_draws, precise.n_burnin) == (400, first.n_burnin)
+    assert list(confirmation.recommended) == [False, True]
+    setting = recommended_setting(full)
+    assert (setting["chains"], setting["llc_sem"]) == (precise.n_chains, precise.llc_sem)
+    assert abs(setting["llc_mean"] - 5) < 0.15 * 5
+    # at the default precision (5%) the same two chains suffice: no extra run
+    default = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1"], nbetas=["n/log n"],
+                        common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False,
+                        study=dict(chains=2, draws=400, burnin=300))
+    assert (default.stage == "confirmation").sum() == 1 and recommended_setting(default)["chains"] == 2
 
 
 def test_a_step_unstable_in_the_stiffest_direction_is_not_healthy():
@@ -512,6 +550,7 @@ def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["--confirm-chains", "1"], "--confirm-chains"),
     (["--confirm-draws", "-5"], "--confirm-draws"),
+    (["--precision", "1.5"], "--precision"),
     (["--lr", "fast"], "--llc-lr"),
 ])
 def test_calibrate_refuses_bad_options_in_one_line_before_loading(tmp_path, capsys, argv, flag):

@@ -117,6 +117,19 @@ def test_train_ckpts_refuses_a_model_or_teacher_over_the_cap_naming_the_option(t
     assert not (tmp_path / "out").exists()
 
 
+def test_the_memory_cap_counts_a_training_batchs_activations(tmp_path, capsys):
+    """A training step keeps every layer's output for the backward pass, for the whole batch: an 8 x 512 MLP
+    (7.5 MB of weights, 22.5 MB with SGD's gradients and momentum) at batch 1,000 needs 33 MB more, over a 48 MB
+    cap, while at batch 64 it fits and trains. (The cap counted one layer's activations for 64 samples before.)"""
+    argv = ["--hidden-nodes", "512", "--hidden-layers", "8", "--experiment-type", "standard", "--optimizer", "sgd",
+            "--max-memory-gb", "0.045", "--num-epochs", "1", "--quiet"]
+    assert train_main(argv + ["--batch-size", "1000", "--out", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'batch_size'" in err and "a batch of 1000" in err and "memory cap" in err
+    assert not (tmp_path / "big").exists()
+    assert train_main(argv + ["--batch-size", "64", "--out", str(tmp_path / "small")]) == 0
+
+
 def test_the_memory_cap_counts_the_optimizer():
     """SGD's gradients and momentum and NGD's factors count against the cap: the NGD run above is refused where
     the same model trained by SGD fits."""

@@ -4,6 +4,7 @@ the run records (checked against the closed forms)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -94,7 +95,7 @@ def test_truth_options_are_checked(overrides, key):
 
 def test_validation_suite_quick_subset_lands_within_25_percent_of_the_truth(tmp_path, monkeypatch):
     """scripts/validate_llc.py --quick: linear regression and a rank-3 deep linear net (n = 990), trained by
-    train-ckpts, estimated at the defaults at the true parameter and at the trained student."""
+    train-ckpts, estimated at the defaults at the true parameter and at the trained student, two cases at once."""
     import importlib.util
     from pathlib import Path
 
@@ -104,7 +105,10 @@ def test_validation_suite_quick_subset_lands_within_25_percent_of_the_truth(tmp_
     monkeypatch.setitem(sys.modules, "validate_llc", validate)  # its dataclasses look themselves up there
     spec.loader.exec_module(validate)
     rows = tmp_path / "rows.jsonl"
-    assert validate.main(["--quick", "--out", str(tmp_path / "cases"), "--json", str(rows)]) == 0
+    # as a user runs it: its own process, the two cases at once (--jobs 2, one process each)
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "cases"), "--json",
+                           str(rows), "--jobs", "2"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     table = [json.loads(line) for line in rows.read_text().splitlines()]
     assert {(r["case"], r["point"]) for r in table} == {(c, p) for c in validate.QUICK for p in ("truth", "trained")}
     for r in table:

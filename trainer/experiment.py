@@ -28,7 +28,7 @@ from trainer.checkpoints import (CheckpointError, check_name, checkpoint_name, n
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
-from trainer.loop import NonFiniteLoss, evaluate, train_epoch
+from trainer.loop import EVAL_BATCH, NonFiniteLoss, evaluate, train_epoch
 from trainer.models import build_bytes, build_model, family_name, model_spec_from_config, parameter_shapes
 from trainer.optim.factory import build_optimizer, optimizer_settings
 from trainer.optim.factory import memory_bytes as optimizer_memory
@@ -115,13 +115,20 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
     specs = model_spec_from_config(cfg, splits.input_shape, splits.outputs)
     option = MODEL_OPTION[cfg.model_type]
     plans = plan_runs(cfg, specs)
+    batch = min(cfg.batch_size, len(splits.train))
     for plan in plans:  # fail on an unbuildable or too large model before anything is allocated or written
         spec = plan.model_spec
         try:
-            # the model and a batch's activations, plus what its optimizer adds (gradients, momentum, NGD's factors)
-            need = build_bytes(spec) + optimizer_memory(plan.optimizer, parameter_shapes(spec))
-            budget.check(need, limit, f"run {plan.name} (its model, a batch of activations and its optimizer)")
-        except ValueError as e:  # OverBudget included
+            # the model and the activations of a training step (all kept for the backward pass) or of an
+            # evaluation pass (one layer at a time, EVAL_BATCH samples), plus what its optimizer adds (gradients,
+            # momentum, NGD's factors)
+            activations = max(build_bytes(spec, batch, training=True), build_bytes(spec, EVAL_BATCH))
+            need = activations + optimizer_memory(plan.optimizer, parameter_shapes(spec))
+            budget.check(need, limit, f"run {plan.name} (its model, the activations of a batch of {batch} and its "
+                         "optimizer)")
+        except budget.OverBudget as e:
+            raise ConfigError(f"invalid value for '{option}' or 'batch_size': {e}") from None
+        except ValueError as e:  # a spec build_model refuses
             raise ConfigError(f"invalid value for '{option}': {e}") from None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"invalid value for 'out': {out} is a file, not a folder")

@@ -107,7 +107,10 @@ def mean_loss_and_accuracy(model: nn.Module, per_sample_loss: LossFn, x: torch.T
     return total / n, (correct / n if classification and finite else math.nan)
 
 
-def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size: int = 2048) -> tuple[float, float]:
+EVAL_BATCH = 2048  # samples per forward pass when the trainer evaluates a whole split
+
+
+def evaluate(model: nn.Module, per_sample_loss: LossFn, data: Split, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode, as the logs record them."""
     return mean_loss_and_accuracy(model, per_sample_loss, data.x, data.y, batch_size=batch_size,
                                   classification=data.y.ndim == 1, sum_dtype=None)

@@ -48,22 +48,24 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 BUDGET_BATCH = 64
 
 
-def build_bytes(spec: dict[str, Any]) -> float:
-    """Memory the model a spec describes takes: its parameters, and the largest step (input and output)
-    of a forward pass over BUDGET_BATCH samples; the shape probe the cnn and layer-list builders run is
+def build_bytes(spec: dict[str, Any], batch: int = BUDGET_BATCH, *, training: bool = False) -> float:
+    """Memory the model a spec describes takes: its parameters, and the largest step (input and output) of a
+    forward pass over `batch` samples; with `training`, every layer's output over `batch` samples instead (a
+    training step keeps them all for the backward pass). The shape probe the cnn and layer-list builders run is
     that pass for one sample. Computed on the meta device, so nothing is allocated; ValueError for a spec
     build_model refuses."""
     with torch.device("meta"):
         model = build_model(spec)
         x = torch.zeros(1, *spec["input_shape"])
-        probe = 0
+        probe, kept = 0, x.numel()
         with torch.no_grad():
             for module in model:
                 y = module(x)
                 probe = max(probe, x.numel() + y.numel())
+                kept += y.numel()
                 x = y
     params = sum(float(t.numel()) * t.element_size() for t in model.state_dict().values())
-    return params + 4.0 * BUDGET_BATCH * probe  # float32 activations
+    return params + 4.0 * batch * (kept if training else probe)  # float32 activations
 
 
 def parameter_shapes(spec: dict[str, Any]) -> list[tuple[int, ...]]:

@@ -21,7 +21,9 @@ smallest step at the weakest healthy localization does not agree with its larger
 steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. Last, the
 pick is confirmed at the length the study will run (its chains and draws; `confirm`): the grid's short chains
 cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and is
-recommended with the burn-in that settled it, or set aside for the next localization's pick. The table keeps
+recommended with the burn-in that settled it, or set aside for the next localization's pick; where its standard
+error is above `precision` of the LLC, it runs once more with the chains that bring it there (`more_chains`), and
+those are recommended too. The table keeps
 every grid point and confirmation run (`stage`), so the plateau (LLC against step for each localization, with
 error bars) can be read off and plotted.
 """
@@ -53,6 +55,8 @@ CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default g
 # along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
 SETTLE_BURNIN = 3  # burn-in factor for a grid point whose chains were still settling (drift or R-hat only)
 CONFIRM_RUNS = 3  # the recommendation at the study's length: its burn-in, then 3x and 9x while still settling
+PRECISION = 0.05  # standard error / LLC a confirmed recommendation should reach (more chains where it does not)
+MAX_CHAINS = 16  # at most this many chains for it (16 chains x 1,000 draws cost four times the default's 4)
 EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when its smallest step has no plateau
 DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
 
@@ -76,12 +80,13 @@ def agree(a: dict, b: dict) -> bool:
 
 
 def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: list[str], common: dict,
-              progress: bool = True, study: dict | None = None) -> pd.DataFrame:
+              progress: bool = True, study: dict | None = None, precision: float = PRECISION) -> pd.DataFrame:
     """One row per (lr, localization, nbeta); the largest step runs common's burn-in and draws, a step k times
     smaller k times as many (equal sampling time). Where the smallest steps reach no plateau at the weakest
     healthy localization, smaller steps are tried there before a stronger one is accepted (extend_downwards).
     With `study` (chains, draws, burnin: the length the llc estimator will run at), the recommendation is
-    confirmed at that length (confirm); `stage` tells grid rows from confirmation rows."""
+    confirmed at that length (confirm), with more chains where its standard error is above `precision` of the
+    LLC (0: never); `stage` tells grid rows from confirmation rows."""
     n = len(ctx.splits.train)
     lambda_max = top_hessian_eigenvalue(ctx)
     rows, given_up_all = [], set()
@@ -106,13 +111,13 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     table["stage"] = "grid"
     given_up = sorted(given_up_all)  # localizations whose smaller steps were not run
     if study:
-        table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, progress)
+        table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, progress, precision)
     table.attrs["given_up"] = given_up
     return table
 
 
 def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
-            study: dict, lambda_max: float, progress: bool) -> pd.DataFrame:
+            study: dict, lambda_max: float, progress: bool, precision: float = 0.0) -> pd.DataFrame:
     """Run the recommendation at the study's length (`study`: chains, draws, burnin) before it is recommended.
 
     The grid judges settings on short chains, whose drift test has little power: on the NGD-vs-SGD study's MLP
@@ -124,9 +129,12 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     settling time, but is up to 18x too long wherever the loss is curved enough to hold the chains (every case
     of the truth suite settles within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000).
     A localization whose recommendation does not settle is set aside and the next recommendation (a stronger
-    localization) is confirmed instead. Confirmation rows join the table with stage "confirmation"; the
-    grid row and the confirmation row of the confirmed setting are marked recommended, and nothing is when no
-    recommendation is confirmed."""
+    localization) is confirmed instead. A confirmed setting whose standard error is above `precision` of its
+    LLC runs again at the settled burn-in (longer while still settling) with the chains `more_chains` asks for,
+    which are recommended if they settle: at n ~ 1,000 one 4-chain estimate scatters by 6-10% of the LLC
+    (docs/llc-validation.md), too much for a 15% accuracy. Confirmation rows join the table with stage
+    "confirmation"; the grid row and the last healthy confirmation row of the confirmed setting are marked
+    recommended, and nothing is when no recommendation is confirmed."""
     grid = table.assign(recommended=False)
     runs, set_aside = [], set()
     while True:
@@ -145,9 +153,32 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                   "agrees_with_larger_step": False} for row in attempts]
         if attempts[-1]["healthy"]:
             grid.loc[best, "recommended"] = True
+            chains = more_chains(attempts[-1], precision)
+            if chains > attempts[-1]["n_chains"]:
+                if progress:
+                    print(f"calibration: standard error {attempts[-1]['llc_sem']:.2g} is above {precision:g} of the "
+                          f"LLC; running {chains} chains", file=sys.stderr)
+                # more chains test the drift with more power: still settling, they get a longer burn-in too
+                precise = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
+                                        {**common, **study, "chains": chains, "burnin": attempts[-1]["n_burnin"]},
+                                        CONFIRM_RUNS, common.get("seed", 0) * 1009 + 7 * 104729 + len(runs),
+                                        lambda_max)
+                if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
+                    runs[-1]["recommended"] = False
+                runs += [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
+                          "agrees_with_larger_step": False} for row in precise]
             break
         set_aside.add((chosen.nbeta_option, chosen.localization_option))
     return pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+
+
+def more_chains(row: dict, precision: float) -> int:
+    """Chains for a standard error of `precision` x the LLC, from a run's own (the error falls as 1/sqrt(chains)),
+    at most MAX_CHAINS; the run's chains when it is already there (or precision is 0)."""
+    chains, target = int(row["n_chains"]), precision * abs(row["llc_mean"])
+    if precision <= 0 or not math.isfinite(row["llc_sem"]) or row["llc_sem"] <= target:
+        return chains
+    return max(chains, min(MAX_CHAINS, math.ceil(chains * (row["llc_sem"] / target) ** 2)))
 
 
 def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,

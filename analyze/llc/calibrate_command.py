@@ -10,7 +10,7 @@ from pathlib import Path
 from analyze.estimators.base import EstimatorError
 from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
 from analyze.llc import calibrate as calibration
-from analyze.llc.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID, calibrate, context_for
+from analyze.llc.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID, MAX_CHAINS, PRECISION, calibrate, context_for
 from analyze.llc.calibration_table import grid_rows, plateau_text, recommended_setting
 from analyze.llc.sampler import SAMPLERS
 from analyze.llc.stability import STABLE_STEP
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="kept draws per chain of the confirmation run; 0: no confirmation (default: %(default)s)")
     ap.add_argument("--confirm-burnin", type=int, default=DEFAULTS["burnin"],
                     help="first burn-in of the confirmation run (default: %(default)s)")
+    ap.add_argument("--precision", type=float, default=PRECISION,
+                    help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
+                         f"confirmation run's is larger, it runs again with the chains that bring it there (at most "
+                         f"{MAX_CHAINS}), and those chains are part of the recommendation; 0: never (default: "
+                         "%(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
     ap.add_argument("--sampler", default="sgld", choices=SAMPLERS,
                     help="SGLD or RMSProp-preconditioned SGLD (default: %(default)s)")
@@ -79,17 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.confirm_draws < 0 or args.confirm_chains < 2 or args.confirm_burnin < 0:
             raise EstimatorError("--confirm-chains must be >= 2 (the drift test compares chains), --confirm-draws and "
                                  "--confirm-burnin >= 0")
+        if not 0 <= args.precision < 1:
+            raise EstimatorError("--precision must lie in [0, 1) (a fraction of the LLC; 0: no extra chains)")
         if not path.is_file():
             raise CheckpointError(path, "no such checkpoint file")
         ctx = context_for(path, args.device, args.data_root)
-        table = calibrate(ctx, lrs, locs, nbetas, common, study=study if args.confirm_draws else None)
+        table = calibrate(ctx, lrs, locs, nbetas, common, study=study if args.confirm_draws else None,
+                          precision=args.precision)
     except (EstimatorError, CheckpointError, DataError) as e:
         print(f"analyze calibrate: error: {e}", file=sys.stderr)
         return 2
     # Written as one task of the analysis store (same checkpoint hash, keys and completion marker as the
     # estimators' tables), so analyze.load() and the report see it and it joins the other tables.
     info = ctx.checkpoint
-    config = {"grid": [lrs, locs, nbetas], **common, "confirm": study if args.confirm_draws else None}
+    config = {"grid": [lrs, locs, nbetas], **common, "confirm": study if args.confirm_draws else None,
+              "precision": args.precision}
     keys = {"run": info.run, "optimizer": info.optimizer, "epoch": info.epoch, "step": info.step,
             "ckpt_hash": info.hash, "config_hash": config_hash(config)}
     store = Store(Path(args.out) if args.out else path.resolve().parent.parent / "analysis")
@@ -133,6 +142,7 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
     if setting:
         sampler = "" if grid.sampler.iloc[0] == "sgld" else f" --llc-sampler {grid.sampler.iloc[0]}"
         burnin = f" --llc-burnin {setting['burnin']}" if setting["burnin"] is not None else ""
+        burnin += f" --llc-chains {setting['chains']}" if setting["chains"] is not None else ""
         print(f"\nrecommended:{sampler} --llc-lr {setting['lr']} --llc-localization {setting['localization']} "
               f"--llc-nbeta '{setting['nbeta']}'{burnin}   (LLC {setting['llc_mean']:.3g} +- {setting['llc_sem']:.2g}; "
               f"at the next larger step: {setting['llc_at_larger_step']:.3g})")

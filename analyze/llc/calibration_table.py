@@ -24,15 +24,16 @@ def plateau_text(table: pd.DataFrame) -> str:
 
 
 def recommended_setting(table: pd.DataFrame) -> dict | None:
-    """The recommended setting: lr, localization and nbeta options, burn-in (None when it was not confirmed:
-    any), chains and draws it was run at, and its LLC; None when nothing is recommended."""
+    """The recommended setting: lr, localization and nbeta options, burn-in and chains (None when it was not
+    confirmed: any), the draws it was run at, and its LLC; None when nothing is recommended."""
     rec = table[table.recommended.fillna(False).astype(bool)]
     if not len(rec):
         return None
     stage = rec["stage"] if "stage" in rec else pd.Series("grid", index=rec.index)
     confirmed = rec[stage == "confirmation"]
-    r = (confirmed if len(confirmed) else rec).iloc[0]
+    r = (confirmed if len(confirmed) else rec).iloc[-1]
     return {"lr": str(r.lr_option), "localization": str(r.localization_option), "nbeta": str(r.nbeta_option),
             "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
+            "chains": int(r.n_chains) if len(confirmed) else None,
             "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem),
             "llc_at_larger_step": float(rec.iloc[0].llc_at_larger_step)}

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import signal
-import warnings
 import sys
+import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -193,9 +194,24 @@ def _run_on_dask(client, tasks: list[Task], bar, scheduler: str | None = None) -
     return statuses
 
 
-def scheduler_lost(client, e: BaseException) -> bool:
-    """Whether a future failed because the client lost its scheduler (dask cancels every future then)."""
-    return getattr(e, "reason", None) == "scheduler-connection-lost" or client.status != "running"
+def scheduler_lost(client, e: BaseException, notice_within: float = 10.0) -> bool:
+    """Whether a future failed because the client lost its scheduler (dask cancels every future then).
+
+    A broken connection (CommClosedError while gathering a result) can reach a future before the client has
+    noticed that the scheduler is gone: on a loaded machine a killed scheduler's last task got an error row that
+    way. A task never raises it itself, so then the client gets `notice_within` seconds to notice; if the
+    scheduler is still there after that, the task's row says what broke."""
+    from distributed.comm import CommClosedError
+
+    if getattr(e, "reason", None) == "scheduler-connection-lost" or client.status != "running":
+        return True
+    if isinstance(e, CommClosedError):
+        deadline = time.monotonic() + notice_within
+        while time.monotonic() < deadline:
+            if client.status != "running":
+                return True
+            time.sleep(0.1)
+    return False
 
 
 def _cancel(client, futures: list) -> None:

@@ -13,9 +13,9 @@ trained student's by about this much (about lambda / log n for a regular model).
 
 Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick | --scale] [--doc docs/llc-validation.md]
        [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
---quick runs a small subset (the tests use it); the full suite with --calibrate takes about 12 minutes here
-(--jobs 2). --scale
-runs the cases at the NGD-vs-SGD study's size instead (their calibration over SCALE_GRID, marked "scale grid").
+--quick runs a small subset (the tests use it); the full suite with --calibrate takes about 10 minutes here (two
+cases at once, --jobs 2). --scale runs the cases at the NGD-vs-SGD study's size instead (their calibration over
+SCALE_GRID, marked "scale grid").
 docs/llc-validation.jsonl keeps the rows behind docs/llc-validation.md (--json); --from-json rebuilds the page.
 """
 

@@ -41,7 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import _stages  # noqa: E402  (scripts/, the script's own folder)
 from _stages import past_timings, record, stage  # noqa: E402
+from _ngd_sgd_page import write_doc  # noqa: E402
 from analyze import branch_compare as bc  # noqa: E402
 
 # The study's own args file (its format: [hyperparameters, data args, sampler args]).
@@ -122,70 +122,6 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
         out[f"{measure} at matched training loss"] = bc.at_matched_loss(s[ngd], sgd_path[~sgd_path.index.duplicated(
             keep="last")], cut)
     return out
-
-
-def figure(tables: dict, family: str, cut: int, settings: dict, path: Path) -> None:
-    """Four panels: the LLC at both settings and Tr(H) against epoch, and Tr(H) against training loss (the
-    matched-loss view: NGD trains faster, so at equal epochs it sits at a lower loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def llc_at(setting):
-        llc = tables["llc"]
-        for key, value in setting.items():
-            llc = llc[llc[key] == value]
-        return llc
-
-    hess = tables["hessian"][tables["hessian"].trace_method == "exact"]
-    ev = tables["evaluate"]
-    train_loss = ev[ev.split == "train"].drop_duplicates(["run", "epoch"], keep="last").set_index(["run", "epoch"]).loss
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
-    colors = {"trunk": "0.4", "swap-sgd": "tab:blue", "swap-ngd": "tab:red"}
-    labels = {"trunk": "SGD (trunk)", "swap-sgd": "SGD after swap", "swap-ngd": "NGD after swap"}
-    panels = ((axes[0, 0], llc_at(settings["calibrated"]), "llc_mean", "llc_sem", "LLC (± s.e.), calibrated setting"),
-              (axes[0, 1], llc_at(settings["study's"]), "llc_mean", "llc_sem", "LLC (± s.e.), the study's setting"),
-              (axes[1, 0], hess, "trace", "trace_stderr", "Hessian trace (± s.e.)"))
-    for ax, frame, value, se, title in panels:
-        for name, color in colors.items():
-            rows = frame[frame.run == f"{family}-{name}"].sort_values("epoch")
-            if value == "llc_mean":  # hollow: chains not healthy
-                bad = ~rows.healthy
-                ax.scatter(rows.epoch[bad], rows[value][bad], s=40, facecolors="white", edgecolors=color, zorder=3)
-            ax.errorbar(rows.epoch, rows[value], yerr=rows[se], color=color, marker="o", ms=3, lw=1.2, capsize=2,
-                        label=labels[name])
-        ax.axvline(cut, color="k", ls="--", lw=0.8)
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if value == "llc_mean" and "not_at_minimum" in frame and (~frame.not_at_minimum).any():
-            at_min = frame[~frame.not_at_minimum]  # early checkpoints are not at a minimum: scale to the rest
-            low, high = (at_min.llc_mean - at_min.llc_sem).min(), (at_min.llc_mean + at_min.llc_sem).max()
-            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-    ax = axes[1, 1]
-    for name, color in colors.items():
-        rows = hess[hess.run == f"{family}-{name}"].sort_values("epoch")
-        loss = train_loss.reindex(list(zip(rows.run, rows.epoch))).to_numpy()
-        ax.errorbar(loss, rows.trace, yerr=rows.trace_stderr, color=color, marker="o", ms=3, lw=1.2, capsize=2,
-                    label=labels[name])
-    ax.set_xscale("log")
-    ax.invert_xaxis()  # training proceeds to the right
-    ax.set_xlabel("training loss (log scale, decreasing)")
-    ax.set_title("Hessian trace against training loss")
-    ax.grid(alpha=0.3)
-    axes[0, 0].legend()
-    fig.suptitle("NGD vs SGD after the swap (dashed line); hollow markers: chains not healthy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    table = table.reset_index()
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-                     + ["| " + " | ".join(r) + " |" for r in cells])
 
 
 def llc_setting(args, analysis: Path, family: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
@@ -353,85 +289,8 @@ def main() -> int:
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items() if k != _stages.WALL)
           + f"; wall time {totals.get(_stages.WALL, sum(totals.values())) / 60:.1f} min")
     if args.doc:
-        write_doc(Path(args.doc), study, tables, family, cut, settings, lr, loc, why, args, totals, lines, sections)
+        write_doc(Path(args.doc), __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args, totals, lines, sections)
     return 0
-
-
-def reading(lines: list[str]) -> list[str]:
-    """A sentence where the matched-epoch and matched-loss verdicts of one measure disagree."""
-    def call(line):
-        return line.split(": ", 2)[1]
-
-    out = []
-    for epoch_line in (line for line in lines if " at matched epoch" in line):
-        measure = epoch_line.split(" at matched epoch")[0]
-        rest = epoch_line.split(" at matched epoch")[1].split(":")[0]  # e.g. ", calibrated setting"
-        loss_line = next((line for line in lines if line.startswith(f"{measure} at matched training loss{rest}:")),
-                         None)
-        if loss_line and call(epoch_line) != call(loss_line) and "NO VERDICT" not in epoch_line + loss_line:
-            out.append(f"{measure}{rest}: the verdict at matched training loss ({call(loss_line)}) differs from the "
-                       f"one at matched epoch ({call(epoch_line)}): at equal epochs NGD has trained further, and "
-                       "the difference at equal epochs goes with its lower training loss.")
-    return [*out, ""] if out else []
-
-
-def write_doc(path: Path, study, tables, family, cut, settings, lr, loc, why, args, timings, lines, sections):
-    png = path.with_suffix(".png")
-    figure(tables, family, cut, settings, png)
-    llc = tables["llc"]
-    per_setting = []
-    for name, f in settings.items():
-        rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
-        per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(rows.healthy.sum())} healthy; "
-                           f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f}, "
-                           f"step_curvature (eps x nbeta x lambda_max, stable below 2) {rows.step_curvature.min():.2g}"
-                           f" to {rows.step_curvature.max():.2g}, "
-                           f"median seconds per checkpoint {rows.seconds.median():.0f}")
-    text = [
-        "# NGD vs SGD: the learning-coefficient study at full scale",
-        "",
-        "Written by `scripts/reproduce_ngd_sgd.py --doc` (do not edit by hand). "
-        + " ".join(__doc__.split("\n\n")[1].split()),
-        "",
-        f"Study arguments: `{json.dumps(study[0])}`; data `{json.dumps(study[1])}`.",
-        "",
-        f"- LLC, calibrated setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch "
-        f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {study[2]['num_draws']} draws after "
-        f"{settings['calibrated']['n_burnin']} burn-in; nbeta = n / log n; "
-        + f"epochs {args.llc_epochs} (--llc-epochs).",
-        f"- LLC, the study's setting: eps {study[2]['sampler_lr']:g}, "
-        f"gamma {study[2]['localization']:g}, plain minibatches of {study[1]['batch_size']}, same chains and draws, "
-        f"{STUDY_BURNIN} burn-in (the notebook's), every fifth epoch.",
-        "- Hessian trace: exact (diagonal Gauss-Newton = Tr(H) for this ReLU net) on the estimator's 1,280 seeded "
-        "training samples; the error bar is that subsample's standard error.",
-        "",
-        "## Verdicts",
-        "",
-        *[f"- {line}" for line in lines],
-        "",
-        *reading(lines),
-        "Chain health:",
-        *per_setting,
-        "",
-        f"![LLC and Hessian trace against epoch]({png.name})",
-        "",
-        "## Timings on this machine",
-        "",
-        "Each stage's time summed over the invocations that built this output folder (OUT/timings.json). The "
-        "calibration runs in the background from the moment the cut-off checkpoint exists, so its time overlaps "
-        "the stages before the calibrated LLC; the total is the wall time.",
-        "",
-        "| stage | minutes |",
-        "|---|---|",
-        *[f"| {k} | {v / 60:.1f} |" for k, v in timings.items() if k != _stages.WALL],
-        f"| total (wall time) | {timings.get(_stages.WALL, sum(timings.values())) / 60:.1f} |",
-        "",
-    ]
-    for label, verdict_text, table in sections:
-        text += [f"## {label}", "", verdict_text, "", "a = NGD, b = SGD; `call`: a above / below b by more than "
-                 f"{bc.Z:g} combined standard errors.", "", markdown_table(table), ""]
-    path.write_text("\n".join(text))
-    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":

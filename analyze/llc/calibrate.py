@@ -149,8 +149,7 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
         attempts = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
                                  {**common, **study}, CONFIRM_RUNS, common.get("seed", 0) * 1009 + 104729 + len(runs),
                                  lambda_max)
-        runs += [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
-                  "agrees_with_larger_step": False} for row in attempts]
+        runs += confirmation_rows(attempts)
         if attempts[-1]["healthy"]:
             grid.loc[best, "recommended"] = True
             chains = more_chains(attempts[-1], precision)
@@ -165,11 +164,16 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                                         lambda_max)
                 if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
                     runs[-1]["recommended"] = False
-                runs += [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
-                          "agrees_with_larger_step": False} for row in precise]
+                runs += confirmation_rows(precise)
             break
         set_aside.add((chosen.nbeta_option, chosen.localization_option))
     return pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+
+
+def confirmation_rows(attempts: list[dict]) -> list[dict]:
+    """Calibration rows of confirmation runs: recommended where healthy (the caller keeps one), no plateau test."""
+    return [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
+             "agrees_with_larger_step": False} for row in attempts]
 
 
 def more_chains(row: dict, precision: float) -> int:

@@ -29,7 +29,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import Splits, build_teacher, dataset_spec_from_config, load_dataset
 from trainer.losses import nll_loss
 from trainer.loop import EVAL_BATCH, NonFiniteLoss, evaluate, train_epoch
-from trainer.models import build_bytes, build_model, family_name, model_spec_from_config, parameter_shapes
+from trainer.models import build_model, family_name, model_sizes, model_spec_from_config
 from trainer.optim.factory import build_optimizer, optimizer_settings
 from trainer.optim.factory import memory_bytes as optimizer_memory
 from trainer.parallel import train_in_processes
@@ -122,8 +122,9 @@ def run_experiment(cfg: TrainConfig, log=print) -> dict[str, str]:
             # the model and the activations of a training step (all kept for the backward pass) or of an
             # evaluation pass (one layer at a time, EVAL_BATCH samples), plus what its optimizer adds (gradients,
             # momentum, NGD's factors)
-            activations = max(build_bytes(spec, batch, training=True), build_bytes(spec, EVAL_BATCH))
-            need = activations + optimizer_memory(plan.optimizer, parameter_shapes(spec))
+            sizes = model_sizes(spec)
+            need = (max(sizes.bytes(batch, training=True), sizes.bytes(EVAL_BATCH))
+                    + optimizer_memory(plan.optimizer, sizes.parameter_shapes))
             budget.check(need, limit, f"run {plan.name} (its model, the activations of a batch of {batch} and its "
                          "optimizer)")
         except budget.OverBudget as e:

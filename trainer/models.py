@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,30 +49,45 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 BUDGET_BATCH = 64
 
 
-def build_bytes(spec: dict[str, Any], batch: int = BUDGET_BATCH, *, training: bool = False) -> float:
-    """Memory the model a spec describes takes: its parameters, and the largest step (input and output) of a
-    forward pass over `batch` samples; with `training`, every layer's output over `batch` samples instead (a
-    training step keeps them all for the backward pass). The shape probe the cnn and layer-list builders run is
-    that pass for one sample. Computed on the meta device, so nothing is allocated; ValueError for a spec
-    build_model refuses."""
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the model a spec describes holds, from one build on the meta device (nothing allocated)."""
+    parameter_bytes: float
+    parameter_shapes: list[tuple[int, ...]]
+    widest_step: int  # per sample: the largest input plus output of one layer (a forward pass, layer by layer)
+    all_outputs: int  # per sample: the input and every layer's output (what a training step keeps for backward)
+
+    def bytes(self, batch: int = BUDGET_BATCH, *, training: bool = False) -> float:
+        """The parameters and the float32 activations of a forward pass over `batch` samples; with `training`,
+        all of them at once, as a training step keeps them for the backward pass."""
+        return self.parameter_bytes + 4.0 * batch * (self.all_outputs if training else self.widest_step)
+
+
+def model_sizes(spec: dict[str, Any]) -> ModelSizes:
+    """The sizes of the model a spec describes. The shape probe the cnn and layer-list builders run is a forward
+    pass for one sample (its widest step is counted). ValueError for a spec build_model refuses."""
     with torch.device("meta"):
         model = build_model(spec)
         x = torch.zeros(1, *spec["input_shape"])
-        probe, kept = 0, x.numel()
+        widest, kept = 0, x.numel()
         with torch.no_grad():
             for module in model:
                 y = module(x)
-                probe = max(probe, x.numel() + y.numel())
+                widest = max(widest, x.numel() + y.numel())
                 kept += y.numel()
                 x = y
     params = sum(float(t.numel()) * t.element_size() for t in model.state_dict().values())
-    return params + 4.0 * batch * (kept if training else probe)  # float32 activations
+    return ModelSizes(params, [tuple(p.shape) for p in model.parameters()], widest, kept)
+
+
+def build_bytes(spec: dict[str, Any], batch: int = BUDGET_BATCH, *, training: bool = False) -> float:
+    """Memory the model a spec describes takes for a forward pass over `batch` samples (ModelSizes.bytes)."""
+    return model_sizes(spec).bytes(batch, training=training)
 
 
 def parameter_shapes(spec: dict[str, Any]) -> list[tuple[int, ...]]:
     """The shapes of the parameters of the model a spec describes, built on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        return [tuple(p.shape) for p in build_model(spec).parameters()]
+    return model_sizes(spec).parameter_shapes
 
 
 def validate_spec(spec: Any) -> None:

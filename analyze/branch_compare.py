@@ -6,8 +6,11 @@ training loss than SGD at the same epoch, and the LLC and Tr(H) both move as the
 - at matched training loss: each checkpoint of branch `a` against the checkpoint of branch `b` nearest to
   it in training loss, kept only when the two losses lie within `loss_tolerance` (relative) of each other.
 
-A difference counts when it exceeds `Z` combined standard errors; the verdict says in which direction most
-compared points differ, or that there is no consistent difference.
+A difference counts when it exceeds its combined standard error times `critical`, Student's t at the coverage
+of Z = 2 normal standard errors with the difference's Welch degrees of freedom (analyze/significance.py): 2 for
+a Hessian trace over 1,280 samples, 4.5 or more for two 2-chain LLCs, whose standard errors are themselves
+rough. The verdict says in which direction most compared points differ, or that there is no consistent
+difference.
 """
 
 from __future__ import annotations
@@ -15,27 +18,31 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-Z = 2.0  # combined standard errors for a difference to count
+from analyze.significance import Z, difference_bound
+
 LOSS_TOLERANCE = 0.05  # matched-loss pairs: |loss_a - loss_b| <= 5% of loss_b
 
 
 def series(values: pd.DataFrame, run: str, value: str, se: str, ok: str | None = None,
-           train_loss: pd.Series | None = None) -> pd.DataFrame:
-    """One run's (epoch -> value, se, ok, train_loss) from a tidy table with run and epoch columns; `ok` names
-    its boolean health column (every point healthy without one)."""
+           train_loss: pd.Series | None = None, dof: str | None = None) -> pd.DataFrame:
+    """One run's (epoch -> value, se, dof, ok, train_loss) from a tidy table with run and epoch columns; `ok`
+    names its boolean health column (every point healthy without one), `dof` the column of the standard error's
+    degrees of freedom (infinite without one: an error from many samples)."""
     rows = values[values.run == run].drop_duplicates("epoch", keep="last").set_index("epoch").sort_index()
     out = pd.DataFrame({"value": rows[value].astype(float), "se": rows[se].astype(float)})
+    out["dof"] = np.inf if dof is None else rows[dof].astype(float).to_numpy()
     out["ok"] = True if ok is None else rows[ok].astype(bool).to_numpy()
     out["train_loss"] = np.nan if train_loss is None else train_loss.reindex(out.index).to_numpy()
     return out
 
 
-def call(diff: float, se: float) -> str:
-    if not np.isfinite(diff) or not np.isfinite(se):
+def call(diff: float, se: float, critical: float = Z) -> str:
+    """'above' / 'below' when diff exceeds `critical` x se that way, else 'no difference'."""
+    if not np.isfinite(diff) or not np.isfinite(se) or not np.isfinite(critical):
         return "unknown"
-    if diff > Z * se:
+    if diff > critical * se:
         return "above"
-    if diff < -Z * se:
+    if diff < -critical * se:
         return "below"
     return "no difference"
 
@@ -67,11 +74,11 @@ def at_matched_loss(a: pd.DataFrame, b: pd.DataFrame, after: int,
 
 def _pairs(a: pd.DataFrame, b: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
     diff = a.value.to_numpy() - b.value.to_numpy()
-    se = np.hypot(a.se.to_numpy(), b.se.to_numpy())
+    se, t = difference_bound(a.se.to_numpy(), a.dof.to_numpy(), b.se.to_numpy(), b.dof.to_numpy())
     table = pd.DataFrame({"a": a.value.to_numpy(), "a_se": a.se.to_numpy(), "b": b.value.to_numpy(),
-                          "b_se": b.se.to_numpy(), "diff": diff, "diff_se": se,
+                          "b_se": b.se.to_numpy(), "diff": diff, "diff_se": se, "t": t,
                           "healthy": a.ok.to_numpy() & b.ok.to_numpy()}, index=index)
-    table["call"] = [call(d, s) for d, s in zip(diff, se)]
+    table["call"] = [call(d, s, c) for d, s, c in zip(diff, se, t)]
     return table
 
 
@@ -83,7 +90,7 @@ def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
     counts = healthy.call.value_counts()
     above, below = counts.get("above", 0), counts.get("below", 0)
     n = len(healthy)
-    detail = (f"{a} above {b} by more than {Z:g} s.e. at {above} of {n} healthy points, below at {below}; "
+    detail = (f"{a} above {b} by more than t combined s.e. at {above} of {n} healthy points, below at {below}; "
               f"mean difference {healthy['diff'].mean():+.4g}"
               + (f" ({len(table) - n} unhealthy points left out)" if len(table) > n else ""))
     if above > n / 2:

@@ -152,6 +152,8 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
     ]
     for label, verdict_text, table in sections:
         text += [f"## {label}", "", verdict_text, "", "a = NGD, b = SGD; `call`: a above / below b by more than "
-                 f"{bc.Z:g} combined standard errors.", "", markdown_table(table), ""]
+                 "`t` combined standard errors (`diff_se`); `t` is Student's at the coverage of "
+                 f"{bc.Z:g} normal errors, with the Welch degrees of freedom of the two errors (2 for a "
+                 "Hessian trace over 1,280 samples, 4.5 or more for two 2-chain LLCs).", "", markdown_table(table), ""]
     path.write_text("\n".join(text))
     print(f"wrote {path} and {png}")

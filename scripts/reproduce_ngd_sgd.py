@@ -111,11 +111,12 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
     hess = tables["hessian"]
     hess = hess[hess.trace_method == "exact"]
     out = {}
-    for measure, frame, value, se, ok in (("LLC", llc, "llc_mean", "llc_sem", "healthy"),
-                                          ("Tr(H)", hess, "trace", "trace_stderr", None)):
+    llc = llc.assign(llc_dof=llc.n_chains - 1)  # a between-chain error: Student's t in the comparison
+    for measure, frame, value, se, ok, dof in (("LLC", llc, "llc_mean", "llc_sem", "healthy", "llc_dof"),
+                                               ("Tr(H)", hess, "trace", "trace_stderr", None, None)):
         if not len(frame):
             continue
-        s = {r: bc.series(frame, r, value, se, ok, loss[r]) for r in (sgd, ngd, trunk)}
+        s = {r: bc.series(frame, r, value, se, ok, loss[r], dof) for r in (sgd, ngd, trunk)}
         # SGD's side of a matched-loss pair may be any SGD-trained checkpoint: the trunk's and the branch's
         sgd_path = pd.concat([s[trunk], s[sgd]])
         out[f"{measure} at matched epoch"] = bc.at_matched_epoch(s[ngd], s[sgd], cut)

@@ -45,3 +45,15 @@ def test_unhealthy_points_are_left_out_of_the_verdict():
     assert text.startswith("LLC: NGD BELOW") and "2 unhealthy points left out" in text
     none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]).assign(ok=False), "ngd", "value", "se", ok="ok")
     assert "NO VERDICT" in bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC")
+
+
+def test_few_chain_standard_errors_need_students_t():
+    """The same difference (3 combined errors) counts for errors from many samples, not for two 2-chain LLCs:
+    their errors have 1 degree of freedom each, and Student's t at 95.45% then asks for about 4.5-14."""
+    a_rows = frame("ngd", [4], [13.0], [1.0], [1.0]).assign(dof=1.0)
+    b_rows = frame("sgd", [4], [13.0 - 3 * np.sqrt(2)], [1.0], [1.0]).assign(dof=1.0)
+    many = bc.at_matched_epoch(bc.series(a_rows, "ngd", "value", "se"), bc.series(b_rows, "sgd", "value", "se"), 0)
+    few = bc.at_matched_epoch(bc.series(a_rows, "ngd", "value", "se", dof="dof"),
+                              bc.series(b_rows, "sgd", "value", "se", dof="dof"), 0)
+    assert many.call.iloc[0] == "above" and many.t.iloc[0] == 2.0
+    assert few.call.iloc[0] == "no difference" and few.t.iloc[0] == pytest.approx(4.527, abs=1e-3)  # Welch dof 2

@@ -10,8 +10,9 @@ step. A grid point whose chains were still settling (unhealthy by |drift| or R-h
 with SETTLE_BURNIN x the burn-in; if it is still unhealthy, the smaller steps at its localization are not run
 (at the same sampling time their chains would roam alike). A setting is *healthy* as an llc row is
 (analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
-stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard
-errors, plus 5% for the standard errors' own uncertainty. The recommendation: the weakest localization
+stable step). Two estimates *agree* when their difference is within its combined standard error times
+Student's t at the coverage of AGREEMENT_SE normal ones (the errors come from few chains: 2.5 for two 4-chain
+estimates; analyze/significance.py), plus AGREEMENT_SLACK of their size. The recommendation: the weakest localization
 at which every step is healthy (strong localization biases the LLC low), and at it the plateau the smallest
 steps reach: from the smallest step up, the steps that agree with their next larger one (bottom_plateau), of
 which the largest is recommended. It and its larger neighbour are on the plateau, and of the two it carries
@@ -43,12 +44,13 @@ from analyze.estimators.base import Context
 from analyze.estimators.llc import LLCEstimator, parse_lr, parse_nbeta
 from analyze.llc.statistics import healthy
 from analyze.llc.stability import STABLE_STEP, top_hessian_eigenvalue
+from analyze.significance import difference_bound
 from analyze.store import file_hash
 from trainer.checkpoints import load_model
 from trainer.data import load_dataset
 from trainer.losses import nll_loss
 
-AGREEMENT_SE = 2.0
+AGREEMENT_SE = 2.0  # normal standard errors; with few chains, Student's t at the same coverage
 AGREEMENT_SLACK = 0.05
 CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default grid's is 3x the default step)
 # gamma 1000: on large nets (a 784-256-256-10 deep linear net, 268,800 parameters) chains at gamma <= 100 roam so far
@@ -72,10 +74,12 @@ def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -
 
 
 def agree(a: dict, b: dict) -> bool:
-    """Two estimates agree within AGREEMENT_SE combined standard errors plus AGREEMENT_SLACK of their size."""
+    """Two estimates agree within t combined standard errors plus AGREEMENT_SLACK of their size, t: Student's at
+    the coverage of AGREEMENT_SE normal errors, with the chains' degrees of freedom (n_chains - 1 each)."""
     if not all(math.isfinite(v) for v in (a["llc_mean"], b["llc_mean"], a["llc_sem"], b["llc_sem"])):
         return False
-    allowed = AGREEMENT_SE * math.hypot(a["llc_sem"], b["llc_sem"]) + AGREEMENT_SLACK * abs(b["llc_mean"])
+    se, t = difference_bound(a["llc_sem"], a["n_chains"] - 1, b["llc_sem"], b["n_chains"] - 1, AGREEMENT_SE)
+    allowed = float(t) * float(se) + AGREEMENT_SLACK * abs(b["llc_mean"])
     return abs(a["llc_mean"] - b["llc_mean"]) <= allowed
 
 

@@ -4,6 +4,7 @@ the markdown around them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,19 @@ def reading(lines: list[str]) -> list[str]:
     return [*out, ""] if out else []
 
 
+def every_checkpoint_cost(tables, calibrated: dict, args) -> str:
+    """What the LLC at the calibrated setting at every checkpoint would take, from this run's own times."""
+    llc, checkpoints = tables["llc"], tables["hessian"].drop_duplicates(["run", "epoch"])
+    rows = llc[np.logical_and.reduce([llc[key] == value for key, value in calibrated.items()])]
+    workers = args.workers or os.cpu_count() or 1
+    minutes = len(checkpoints) * rows.seconds.median() / workers / 60
+    return (f"The LLC at the calibrated setting at every one of the {len(checkpoints)} checkpoints (`--llc-epochs "
+            f"0-{checkpoints.epoch.max()}`) would take about {len(checkpoints)} x {rows.seconds.median():.0f} s / "
+            f"{workers} workers = {minutes:.0f} min by itself"
+            + (", more than the whole 45-minute budget: hence every fifth epoch from the cut-off, the epochs the "
+               "verdicts compare." if minutes > 45 else "."))
+
+
 def write_doc(path: Path, description: str, study, tables, family, cut, settings, lr, loc, why, args, timings, lines,
               sections):
     """The results page (settings, verdicts, chain health, timings, the comparison tables) and its figure."""
@@ -148,6 +162,8 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
         "|---|---|",
         *[f"| {k} | {v / 60:.1f} |" for k, v in timings.items() if k != _stages.WALL],
         f"| total (wall time) | {timings.get(_stages.WALL, sum(timings.values())) / 60:.1f} |",
+        "",
+        every_checkpoint_cost(tables, settings["calibrated"], args),
         "",
     ]
     for label, verdict_text, table in sections:

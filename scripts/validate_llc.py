@@ -77,7 +77,8 @@ CASES = [
     Case("linreg-30to9", 30, 9, 1, 0, None, 11_100, bias=True),  # d = 279
     Case("dln-5x2-r5", 5, 5, 5, 2, 5, 11_100),  # 5-5-5-5, full rank (orthogonal layers: resolved singular values)
     Case("dln-10x4x2-r2", 10, 10, 4, 2, 2, 11_100),  # 10-4-4-10, rank 2
-    Case("dln-8x3-r3", 8, 8, 8, 3, 3, 1_100),  # 8-8-8-8-8, rank 3
+    Case("dln-8x3-r3", 8, 8, 8, 3, 3, 1_100),  # 8-8-8-8-8, rank 3: multiplicity 4, the most singular case
+    Case("dln-8x3-r3-n60k", 8, 8, 8, 3, 3, 66_600),  # the same at n = 59,940
     Case("dln-20x10-r5", 20, 20, 10, 1, 5, 66_600),  # 20-10-20, rank 5
     # --scale: the NGD-vs-SGD study's size (n = 60,000, Fashion-MNIST's 784 inputs and 10 outputs)
     Case("linreg-784to10", 784, 10, 1, 0, None, 66_600, bias=True, scale=True),  # d = 7,850
@@ -139,15 +140,20 @@ def calibration_args(options: dict, grid: dict | None = None) -> dict:
 
 
 def run_cases(work: list[tuple], jobs: int):
-    """case_rows of each item of `work`, in order. Cases are independent: `jobs` of them run at once, each in its
+    """case_rows of each item of `work`, in order (run_in_processes)."""
+    yield from run_in_processes(case_rows, work, jobs)
+
+
+def run_in_processes(fn, work: list[tuple], jobs: int):
+    """fn(*item) for each item of `work`, in order. Cases are independent: `jobs` of them run at once, each in its
     own process on one thread (these small models gain nothing from more, and two multi-threaded processes on two
     cores only oversubscribe them)."""
     if jobs <= 1:
-        yield from (case_rows(*item) for item in work)
+        yield from (fn(*item) for item in work)
         return
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        yield from pool.map(case_rows, *zip(*work))
+        yield from pool.map(fn, *zip(*work))
 
 
 def case_rows(case: Case, out: Path, options: dict, with_calibration: bool) -> list[dict]:

@@ -120,7 +120,8 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
     for name, f in settings.items():
         rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
         per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(rows.healthy.sum())} healthy; "
-                           f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f}, "
+                           f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f} "
+                           f"(negative at {int((rows.drift < 0).sum())} of {len(rows)}: the sampled loss falling during the draws), "
                            f"step_curvature (eps x nbeta x lambda_max, stable below 2) {rows.step_curvature.min():.2g}"
                            f" to {rows.step_curvature.max():.2g}, "
                            f"median seconds per checkpoint {rows.seconds.median():.0f}")

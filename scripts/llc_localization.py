@@ -8,7 +8,7 @@ burn-in (4 chains x 1,000 draws, step 0.03/nbeta); the teachers and students are
 
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 5 minutes here with two jobs.
+About 3 minutes here with two jobs.
 """
 
 from __future__ import annotations

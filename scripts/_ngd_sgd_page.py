@@ -104,13 +104,34 @@ def every_checkpoint_cost(tables, calibrated: dict, args) -> str:
     minutes = len(checkpoints) * rows.seconds.median() / workers / 60
     return (f"The LLC at the calibrated setting at every one of the {len(checkpoints)} checkpoints (`--llc-epochs "
             f"0-{checkpoints.epoch.max()}`) would take about {len(checkpoints)} x {rows.seconds.median():.0f} s / "
-            f"{workers} workers = {minutes:.0f} min by itself"
+            f"{workers} worker{'s' if workers > 1 else ''} = {minutes:.0f} min by itself"
             + (", more than the whole 45-minute budget: hence every fifth epoch from the cut-off, the epochs the "
                "verdicts compare." if minutes > 45 else "."))
 
 
+def margin_lines(tables, settings, lambda_min: float) -> list[str]:
+    """The cut-off checkpoint's downward curvature against each setting's localization (localization_margin)."""
+    from analyze.llc.stability import localization_margin
+
+    head = (f"The Hessian's smallest eigenvalue at the cut-off checkpoint (Lanczos on the estimator's 1,280 samples) "
+            f"is {lambda_min:.3g}")
+    if lambda_min >= 0:
+        return [head + ": no downward curvature there.", ""]
+    llc, out = tables["llc"], []
+    for name, f in settings.items():
+        rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
+        if len(rows):
+            gamma, nbeta = rows.localization.iloc[0], rows.nbeta.iloc[0]
+            margin = localization_margin(gamma, nbeta, lambda_min)
+            out.append(f"- {name} setting: gamma {gamma:g} + nbeta {nbeta:.0f} x lambda_min = {margin:,.0f}"
+                       + (": negative, the localizer does not hold the chains there" if margin < 0 else ""))
+    return [head + ": the checkpoint is not at a minimum, and the localized potential nbeta L + gamma |w - w*|^2 / 2 "
+            "curves down at w* unless gamma > -nbeta lambda_min (`localization_margin`, docs/llc.md); where it does, "
+            "chains can descend instead of settling (negative drift):", *out, ""]
+
+
 def write_doc(path: Path, description: str, study, tables, family, cut, settings, lr, loc, why, args, timings, lines,
-              sections):
+              sections, lambda_min: float):
     """The results page (settings, verdicts, chain health, timings, the comparison tables) and its figure."""
     study_burnin = settings["study's"]["n_burnin"]
     png = path.with_suffix(".png")
@@ -151,6 +172,7 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
         "Chain health:",
         *per_setting,
         "",
+        *margin_lines(tables, settings, lambda_min),
         f"![LLC and Hessian trace against epoch]({png.name})",
         "",
         "## Timings on this machine",

@@ -99,6 +99,21 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path) 
             "no calibrated setting qualified: the validated defaults")
 
 
+def cutoff_lambda_min(tables: dict, run_name: str, cut: int, cut_ckpt: Path, args) -> float:
+    """The Hessian's smallest eigenvalue at the cut-off checkpoint: from calibrate's table, or measured here (about
+    a minute on the study's MLP) for an analysis calibrated before calibrate recorded it."""
+    calibration = tables.get("calibration")
+    if calibration is not None and "lambda_min" in calibration:
+        at_cut = calibration[(calibration.run == run_name) & (calibration.epoch == cut)].lambda_min.dropna()
+        if len(at_cut):
+            return float(at_cut.iloc[-1])
+    from analyze.llc.calibrate import context_for
+    from analyze.llc.stability import bottom_hessian_eigenvalue
+
+    print(f"measuring the Hessian's smallest eigenvalue at {cut_ckpt}", flush=True)
+    return bottom_hessian_eigenvalue(context_for(cut_ckpt, args.device, args.data_root))
+
+
 def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[str, pd.DataFrame]:
     """NGD against SGD per measure and view; every table is bc's (a = NGD, b = SGD)."""
     sgd, ngd, trunk = (f"{family}-{r}" for r in ("swap-sgd", "swap-ngd", "trunk"))
@@ -290,7 +305,10 @@ def main() -> int:
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items() if k != _stages.WALL)
           + f"; wall time {totals.get(_stages.WALL, sum(totals.values())) / 60:.1f} min")
     if args.doc:
-        write_doc(Path(args.doc), __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args, totals, lines, sections)
+        cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
+        lambda_min = cutoff_lambda_min(tables, f"{family}-trunk", cut, cut_ckpt, args)
+        write_doc(Path(args.doc), __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args,
+                  totals, lines, sections, lambda_min)
     return 0
 
 

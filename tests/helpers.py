@@ -133,3 +133,31 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.grown = (self._status_kb("VmHWM:") - self.start) * 1024
         return False
+
+
+def reference_hessian(ctx, samples: int, seed: int = 0):
+    """Dense float64 Hessian of the mean loss on the estimator's samples (an analyze Context's model and loss), by
+    torch.func.hessian."""
+    import copy
+    import math
+
+    import torch
+
+    from analyze.curvature.samples import training_subset
+
+    x, y = training_subset(ctx, samples, seed)
+    model = copy.deepcopy(ctx.model).double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x = x.double()
+    y = y.double() if y.is_floating_point() else y
+
+    def loss(flat):
+        params, i = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[i:i + math.prod(shape)].reshape(shape)
+            i += math.prod(shape)
+        return ctx.loss_fn(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.func.hessian(loss)(theta)

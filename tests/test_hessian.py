@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from analyze.catalog import CheckpointInfo
 from analyze.curvature.ggn import diag_ggn_batch_traces, ggn_diagonal_applies, subsample_stderr
 from analyze.curvature.operators import CurvlinopsOperator, PyHessianOperator
 from analyze.curvature.samples import batches_of, training_subset
-from analyze.curvature.spectrum import lanczos, slq_rank, top_eigenvalues
+from analyze.curvature.spectrum import bottom_eigenvalues, lanczos, slq_rank, top_eigenvalues
 from analyze.curvature.taylor import TaylorQuadratic
 from analyze.curvature.trace import hutchinson, rademacher
 from analyze.estimators.base import Context, EstimatorError
@@ -23,6 +22,8 @@ from trainer.checkpoints import load_model
 from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss
 from trainer.models import build_model
+
+from helpers import reference_hessian
 
 SAMPLES = 600  # fewer than the default 1280 to keep the float64 reference Hessian quick
 DIGITS = {"name": "digits", "split_seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
@@ -33,26 +34,6 @@ def make_ctx(model, splits, meta=None) -> Context:
                    device=torch.device("cpu"), splits=splits,
                    loss_fn=nll_loss(splits.task, splits.noise_sigma),
                    per_sample_loss=nll_loss(splits.task, splits.noise_sigma, reduction="none"))
-
-
-def reference_hessian(ctx: Context, samples: int, seed: int = 0) -> torch.Tensor:
-    """Dense float64 Hessian of the mean loss on the estimator's samples, by torch.func.hessian."""
-    x, y = training_subset(ctx, samples, seed)
-    model = copy.deepcopy(ctx.model).double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    x = x.double()
-    y = y.double() if y.is_floating_point() else y
-
-    def loss(flat):
-        params, i = {}, 0
-        for name, shape in zip(names, shapes):
-            params[name] = flat[i:i + math.prod(shape)].reshape(shape)
-            i += math.prod(shape)
-        return ctx.loss_fn(torch.func.functional_call(model, params, (x,)), y)
-
-    return torch.func.hessian(loss)(theta)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +137,27 @@ def test_plain_slq_rank_is_noisy_and_deflation_fixes_it(digits_ctx, digits_refer
     rank, locked, _ = slq_rank(op, 150, 2, cut, torch.Generator().manual_seed(5))
     assert locked > 0.8 * digits_reference["rank"]
     assert abs(rank - digits_reference["rank"]) <= 0.05 * digits_reference["rank"]
+
+
+def test_bottom_eigenvalue_and_localization_margin_match_the_dense_hessian(digits_ctx, digits_reference):
+    """lambda_min by Lanczos (which="SA") against the dense Hessian's smallest eigenvalue: a net 5 epochs into
+    training is not at a minimum, so it is negative; the localization margin gamma + nbeta lambda_min says which
+    localizations hold chains against that downward curvature."""
+    from analyze.llc.stability import bottom_hessian_eigenvalue, localization_margin
+
+    smallest = digits_reference["eigs"][-1]
+    assert smallest < -1e-3 * digits_reference["eigs"][0]  # a real negative curvature, not rounding
+    x, y = training_subset(digits_ctx, SAMPLES, 0)
+    op = CurvlinopsOperator(digits_ctx.model, digits_ctx.loss_fn, [(x, y)], SAMPLES, engine="hvp")
+    try:
+        np.testing.assert_allclose(bottom_eigenvalues(op, 2, 0), digits_reference["eigs"][::-1][:2], rtol=2e-3)
+    finally:
+        op.close()
+    lambda_min = bottom_hessian_eigenvalue(digits_ctx, samples=SAMPLES)
+    assert lambda_min == pytest.approx(smallest, rel=2e-3)
+    nbeta = 100.0
+    assert localization_margin(-2 * nbeta * smallest, nbeta, lambda_min) > 0
+    assert localization_margin(-0.5 * nbeta * smallest, nbeta, lambda_min) < 0
 
 
 def test_pyhessian_backend_agrees_with_default(digits_ctx, digits_reference):

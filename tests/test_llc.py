@@ -285,9 +285,14 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
 
     x, _ = training_subset(ctx, 1280, 0)
     design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    exact = torch.linalg.eigvalsh(design.T @ design / (len(x) * 0.5 ** 2))[-1].item()
+    spectrum = torch.linalg.eigvalsh(design.T @ design / (len(x) * 0.5 ** 2))
+    exact = spectrum[-1].item()
     assert table.lambda_max.iloc[0] == pytest.approx(exact, rel=1e-4)
     np.testing.assert_allclose(table.step_curvature, table.lr_nbeta * exact, rtol=1e-4)
+    # a regular model's Hessian is positive definite: every localization's margin gamma + nbeta lambda_min is too
+    assert table.lambda_min.iloc[0] == pytest.approx(spectrum[0].item(), rel=2e-3)
+    np.testing.assert_allclose(table.localization_margin, table.localization + table.nbeta * spectrum[0].item(),
+                               rtol=2e-3)
 
 
 def test_more_chains_bring_the_standard_error_to_the_precision_asked():
@@ -541,6 +546,7 @@ def test_calibrate_says_when_the_checkpoint_is_not_at_a_minimum(mlp_context, tmp
                  "--draws", "100", "--burnin", "50", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "is not at a local minimum" in out and "recommended:" not in out
+    assert "lambda_min of the Hessian at the checkpoint: -" in out  # an untrained net curves down somewhere
 
 
 def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):

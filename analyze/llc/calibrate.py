@@ -24,7 +24,9 @@ pick is confirmed at the length the study will run (its chains and draws; `confi
 cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and is
 recommended with the burn-in that settled it, or set aside for the next localization's pick; where its standard
 error is above `precision` of the LLC, it runs once more with the chains that bring it there (`more_chains`), and
-those are recommended too. The table keeps
+those are recommended too. Every row also carries the Hessian's smallest eigenvalue at the checkpoint and the
+localization margin gamma + nbeta lambda_min: where it is negative the checkpoint is not at a minimum and the
+localizer does not hold the chains against the loss's downward curvature (reported, not a health test). The table keeps
 every grid point and confirmation run (`stage`), so the plateau (LLC against step for each localization, with
 error bars) can be read off and plotted.
 """
@@ -43,7 +45,7 @@ from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context
 from analyze.estimators.llc import LLCEstimator, parse_lr, parse_nbeta
 from analyze.llc.statistics import healthy
-from analyze.llc.stability import STABLE_STEP, top_hessian_eigenvalue
+from analyze.llc.stability import STABLE_STEP, bottom_hessian_eigenvalue, localization_margin, top_hessian_eigenvalue
 from analyze.significance import difference_bound
 from analyze.store import file_hash
 from trainer.checkpoints import load_model
@@ -116,6 +118,10 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     given_up = sorted(given_up_all)  # localizations whose smaller steps were not run
     if study:
         table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, progress, precision)
+    # The downward curvature the localizer must hold: reported, not part of `healthy` (near a minimum the
+    # subsample's Hessian can dip slightly below zero where the full loss's does not)
+    table["lambda_min"] = bottom_hessian_eigenvalue(ctx)
+    table["localization_margin"] = localization_margin(table.localization, table.nbeta, table.lambda_min)
     table.attrs["given_up"] = given_up
     return table
 

@@ -113,6 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def margin_text(grid) -> str:
+    """The smallest Hessian eigenvalue and the localizations too weak to hold the chains against it."""
+    lambda_min = grid.lambda_min.iloc[0]
+    weak = grid[grid.localization_margin < 0].drop_duplicates("localization_option")
+    text = (f"lambda_min of the Hessian at the checkpoint: {lambda_min:.4g}; localization_margin = gamma + nbeta x "
+            "lambda_min")
+    if not len(weak):
+        return text + " is positive at every localization of the grid"
+    return (text + f" is negative at localization {', '.join(weak.localization_option)}: the checkpoint is not at a "
+            "minimum and these localizations do not hold the chains against the loss's downward curvature (they "
+            "can descend: negative drift, an LLC that falls with the chain length)")
+
+
 def print_summary(table, lrs: list[str], path: Path) -> None:
     """The plateau, the grid's rows, what was not run, the confirmation runs and the recommendation."""
     grid = grid_rows(table)
@@ -126,6 +139,8 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
     lambda_max = table.lambda_max.iloc[0]
     print(f"lambda_max of the Hessian at the checkpoint: {lambda_max:.4g}; step_curvature = eps x nbeta x lambda_max "
           f"must stay below {STABLE_STEP:g} (the stiffest direction's stability)")
+    if "localization_margin" in table:
+        print(margin_text(grid))
     unstable = [t for t in lrs if t not in set(grid.lr_option)]
     if unstable:
         added = any(t not in lrs for t in grid.lr_option)

@@ -24,16 +24,37 @@ STABLE_STEP = 2.0
 def top_hessian_eigenvalue(ctx: "Context", samples: int | None = None, seed: int = 0) -> float:
     """lambda_max of the mean loss's Hessian at the checkpoint, on the Hessian estimator's seeded samples (by
     default as many as the hessian estimator's default)."""
+    from analyze.curvature.spectrum import top_eigenvalues
+
+    return _hessian_eigenvalue(ctx, top_eigenvalues, samples, seed)
+
+
+def bottom_hessian_eigenvalue(ctx: "Context", samples: int | None = None, seed: int = 0) -> float:
+    """lambda_min of the same Hessian. Negative where the checkpoint is not at a minimum; then the localized
+    potential nbeta L + gamma |w - w*|^2 / 2 curves down at w* unless gamma > -nbeta lambda_min
+    (localization_margin), and the chains can descend instead of settling. Slower than lambda_max: the bottom of
+    a trained net's spectrum is a dense cluster near 0 (about a minute on the study's 269k-parameter MLP)."""
+    from analyze.curvature.spectrum import bottom_eigenvalues
+
+    return _hessian_eigenvalue(ctx, bottom_eigenvalues, samples, seed)
+
+
+def localization_margin(localization: float, nbeta: float, lambda_min: float) -> float:
+    """gamma + nbeta lambda_min: the smallest curvature of the localized tempered potential at w*. Negative: the
+    localizer does not hold the chains against the loss's downward curvature."""
+    return localization + nbeta * lambda_min
+
+
+def _hessian_eigenvalue(ctx: "Context", eigenvalues, samples: int | None, seed: int) -> float:
     from analyze.curvature.operators import CurvlinopsOperator
     from analyze.curvature.samples import SAMPLES, batches_of, eval_mode, training_subset
-    from analyze.curvature.spectrum import top_eigenvalues
 
     samples = SAMPLES if samples is None else samples
     x, y = training_subset(ctx, samples, seed)
     op = CurvlinopsOperator(ctx.model, ctx.loss_fn, batches_of(x, y, samples), len(y), engine="hvp")
     try:
         with eval_mode(ctx.model):
-            return top_eigenvalues(op, 1, seed)[0]
+            return eigenvalues(op, 1, seed)[0]
     finally:
         op.close()
 

@@ -283,6 +283,10 @@ def main() -> int:
     import analyze
 
     tables = analyze.load(str(analysis))
+    if str(burnin) == "auto":  # the defaults' burn-in, resolved by the llc estimator at this n: its rows hold it
+        llc = tables["llc"]
+        auto = llc[llc.burnin_option == "auto"] if "burnin_option" in llc else llc.iloc[:0]
+        burnin = int(auto.n_burnin.iloc[0]) if len(auto) else burnin
     settings = {"calibrated": {"lr_option": lr, "localization_option": loc, "gradient": "control-variate",
                                "n_burnin": burnin},
                 "study's": {"lr_option": study_lr, "localization_option": study_loc, "gradient": "minibatch",

@@ -504,6 +504,13 @@ def test_relative_options_take_their_value_at_this_nbeta():
     assert LLCEstimator().settings(n=1_000).batch_size == math.ceil(AUTO_BATCH * 0.03 * 1_000 / math.log(1_000))
     assert LLCEstimator(lr="1/nbeta", gradient="minibatch").settings(n=100).batch_size == 100  # at most n
     assert LLCEstimator(lr="1e-4", localization="100", batch_size="64").settings(n=5000).lr == 1e-4
+    # burn-in 'auto' (the default): 1,000 steps at n = 1,000, growing as sqrt(nbeta) beyond
+    assert LLCEstimator().settings(n=1_000).burnin == 1_000 and LLCEstimator().settings(n=300).burnin == 1_000
+    n = 59_940
+    assert LLCEstimator().settings(n=n).burnin == round(1_000 * math.sqrt(n / math.log(n) / 145.0)) == 6_130
+    assert LLCEstimator(burnin=250).settings(n=n).burnin == 250
+    with pytest.raises(EstimatorError, match="--llc-burnin"):
+        LLCEstimator(burnin="soon").validate()
 
 
 def test_drift_flags_a_chain_still_settling():
@@ -568,6 +575,7 @@ def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
     (["--confirm-draws", "-5"], "--confirm-draws"),
     (["--precision", "1.5"], "--precision"),
     (["--lr", "fast"], "--llc-lr"),
+    (["--confirm-burnin", "soon"], "--confirm-burnin"),
 ])
 def test_calibrate_refuses_bad_options_in_one_line_before_loading(tmp_path, capsys, argv, flag):
     from analyze.cli import main

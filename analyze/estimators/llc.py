@@ -28,8 +28,16 @@ from trainer.truth import true_learning_coefficient
 #   it (AUTO_BATCH x eps x nbeta^2, about nbeta) is expensive there. Control-variate gradients (SGLD-CV) take
 #   the noise out near w*, so a small batch no longer heats at any n: they are the default, with `auto` =
 #   the smaller of AUTO_BATCH_CV and the plain rule (at small n the plain rule's batch is already small).
-DEFAULTS = dict(chains=4, draws=1000, burnin=1000, lr="0.03/nbeta", localization="10", batch_size="auto",
+# - a fixed burn-in does not carry over across n on singular models: each step's noise is sqrt(eps), which
+#   shrinks as 1 / sqrt(nbeta) at a fixed eps x nbeta, while a singular direction's posterior width (quartic and
+#   higher loss) shrinks only as nbeta^(-1/4) or slower, so crossing it takes steps growing as sqrt(nbeta) or
+#   faster. On the multiplicity-4 deep linear net at n = 59,940, 1,000 burn-in steps gave -18% and 6,000 -1%
+#   (docs/llc-localization.md). `auto` = AUTO_BURNIN x sqrt(nbeta / AUTO_BURNIN_NBETA), at least AUTO_BURNIN:
+#   1,000 steps at n ~ 1,000, where they settle every case of the truth suite; 2,700 at n = 10,000; 6,100 at 60,000.
+DEFAULTS = dict(chains=4, draws=1000, burnin="auto", lr="0.03/nbeta", localization="10", batch_size="auto",
                 gradient="control-variate")
+AUTO_BURNIN = 1000
+AUTO_BURNIN_NBETA = 145.0  # n / log n at n = 1,000
 GRADIENTS = ("control-variate", "minibatch")
 AUTO_BATCH = 32
 AUTO_BATCH_CV = 256
@@ -77,6 +85,20 @@ def parse_batch_size(text: str, lr: float, nbeta: float, n: int, control_variate
     return value
 
 
+def parse_burnin(text, nbeta: float) -> int:
+    """Burn-in steps: a whole number, or 'auto' (AUTO_BURNIN x sqrt(nbeta / AUTO_BURNIN_NBETA), at least
+    AUTO_BURNIN: see DEFAULTS)."""
+    if str(text).strip() == "auto":
+        return max(AUTO_BURNIN, round(AUTO_BURNIN * math.sqrt(nbeta / AUTO_BURNIN_NBETA)))
+    try:
+        value = int(text)
+    except ValueError:
+        raise EstimatorError(f"--llc-burnin: {text!r} is neither a whole number nor 'auto'") from None
+    if value < 0:
+        raise EstimatorError(f"--llc-burnin: {text!r} must be >= 0")
+    return value
+
+
 def parse_nbeta(text: str, n: int) -> float:
     """'n/log n' (Watanabe's WBIC temperature) or a positive number."""
     if text.replace(" ", "") in ("n/logn", "n/log(n)"):
@@ -111,13 +133,17 @@ def chance_loss(splits, y: torch.Tensor) -> float:
 class LLCEstimator(Estimator):
     name = "llc"
     # 2: between-chain standard errors, drift, relative step and localization; 3: control variates;
-    # 4: the step's stability at the checkpoint (lambda_max, step_curvature) and the `healthy` verdict
-    version = 4
+    # 4: the step's stability at the checkpoint (lambda_max, step_curvature) and the `healthy` verdict;
+    # 5: burn-in 'auto' by default (grows as sqrt(nbeta)), burnin_option recorded
+    version = 5
     tables = ("llc", "llc_chains")
     options = (
         Option("chains", int, DEFAULTS["chains"], "number of SGLD chains"),
         Option("draws", int, DEFAULTS["draws"], "kept draws per chain (after burn-in)"),
-        Option("burnin", int, DEFAULTS["burnin"], "discarded steps per chain before the draws"),
+        Option("burnin", str, DEFAULTS["burnin"], "discarded steps per chain before the draws: a whole number, or "
+               f"'auto': {AUTO_BURNIN} x sqrt(nbeta / {AUTO_BURNIN_NBETA:g}), at least {AUTO_BURNIN} (1,000 at "
+               "n ~ 1,000, 6,100 at n = 60,000: chains need longer to spread through a singular model's flat "
+               "directions as n grows)"),
         Option("lr", str, DEFAULTS["lr"], "SGLD step size eps: a number, or 'c/nbeta' (eps x nbeta = c, the same "
                "effective step at every n)"),
         Option("localization", str, DEFAULTS["localization"], "strength gamma of the pull back to the checkpoint: "
@@ -146,12 +172,11 @@ class LLCEstimator(Estimator):
         for key in ("chains", "draws", "thin"):
             if o[key] < 1:
                 raise EstimatorError(f"--llc-{key}: must be >= 1")
-        if o["burnin"] < 0:
-            raise EstimatorError("--llc-burnin must be >= 0")
         # syntax checks only: the values depend on n
         parse_lr(o["lr"], 1.0)
         parse_localization(o["localization"], 1.0)
         parse_nbeta(o["nbeta"], 100)
+        parse_burnin(o["burnin"], 1.0)
         parse_batch_size(o["batch_size"], 1.0, 1.0, 1)
         if o["gradient"] == "control-variate" and o["backend"] == "devinterp":
             raise EstimatorError("--llc-backend devinterp has no control-variate gradients: add --llc-gradient minibatch")
@@ -162,7 +187,7 @@ class LLCEstimator(Estimator):
         lr = parse_lr(o["lr"], nbeta)
         cv = o["gradient"] == "control-variate"
         return SGLDSettings(lr=lr, localization=parse_localization(o["localization"], nbeta), nbeta=nbeta,
-                            chains=o["chains"], draws=o["draws"], burnin=o["burnin"],
+                            chains=o["chains"], draws=o["draws"], burnin=parse_burnin(o["burnin"], nbeta),
                             batch_size=parse_batch_size(o["batch_size"], lr, nbeta, n, cv), seed=o["seed"],
                             sampler=o["sampler"], control_variate=cv)
 
@@ -193,7 +218,7 @@ class LLCEstimator(Estimator):
         row.update(wbic_exact=bool(math.isclose(settings.nbeta, n / math.log(n)) and settings.localization == 0),
                    nbeta=settings.nbeta, lr=settings.lr, localization=settings.localization,
                    lr_option=self.opts["lr"], localization_option=self.opts["localization"],
-                   batch_size_option=self.opts["batch_size"],
+                   batch_size_option=self.opts["batch_size"], burnin_option=str(self.opts["burnin"]),
                    lr_nbeta=settings.lr * settings.nbeta, localization_per_nbeta=settings.localization / settings.nbeta,
                    llc_truth=truth["value"] if truth else math.nan,
                    n_chains=settings.chains, n_draws=settings.draws, n_burnin=settings.burnin,

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context
-from analyze.estimators.llc import LLCEstimator, parse_lr, parse_nbeta
+from analyze.estimators.llc import LLCEstimator, parse_burnin, parse_lr, parse_nbeta
 from analyze.llc.statistics import healthy
 from analyze.llc.stability import STABLE_STEP, bottom_hessian_eigenvalue, localization_margin, top_hessian_eigenvalue
 from analyze.significance import difference_bound
@@ -209,7 +209,7 @@ def settled_point(ctx: Context, lr: str, loc: str, nb: str, options: dict, attem
     """The llc estimator at (lr, loc, nb) with `options`' chains, draws and burn-in; while the chains are still
     settling (unhealthy by |drift| or R-hat alone), run again with SETTLE_BURNIN x the burn-in, at most
     `attempts` runs in all. Returns every run's row, the last one last."""
-    burnin, rows = options["burnin"], []
+    burnin, rows = parse_burnin(options["burnin"], parse_nbeta(nb, len(ctx.splits.train))), []
     for attempt in range(attempts):
         # Each run gets its own chain seeds: with one seed for all, a single unlucky set of chains (a chance
         # |drift| > 3) repeated at every step and localization and disqualified them all at once, and the

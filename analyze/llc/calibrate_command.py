@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from analyze.estimators.base import EstimatorError
-from analyze.estimators.llc import DEFAULTS, GRADIENTS, LLCEstimator, parse_localization, parse_lr, parse_nbeta
+from analyze.estimators.llc import (DEFAULTS, GRADIENTS, LLCEstimator, parse_burnin, parse_localization, parse_lr,
+                                    parse_nbeta)
 from analyze.llc import calibrate as calibration
 from analyze.llc.calibrate import CALIBRATION_LENGTH, DEFAULT_GRID, MAX_CHAINS, PRECISION, calibrate, context_for
 from analyze.llc.calibration_table import grid_rows, plateau_text, recommended_setting
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                          "while still settling, before it is recommended (default: %(default)s)")
     ap.add_argument("--confirm-draws", type=int, default=DEFAULTS["draws"],
                     help="kept draws per chain of the confirmation run; 0: no confirmation (default: %(default)s)")
-    ap.add_argument("--confirm-burnin", type=int, default=DEFAULTS["burnin"],
-                    help="first burn-in of the confirmation run (default: %(default)s)")
+    ap.add_argument("--confirm-burnin", default=DEFAULTS["burnin"],
+                    help="first burn-in of the confirmation run: a whole number, or 'auto' as the llc estimator's "
+                         "(grows as sqrt(nbeta)) (default: %(default)s)")
     ap.add_argument("--precision", type=float, default=PRECISION,
                     help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
                          f"confirmation run's is larger, it runs again with the chains that bring it there (at most "
@@ -81,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                       seed=args.seed, sampler=args.sampler, gradient=args.gradient)
         study = dict(chains=args.confirm_chains, draws=args.confirm_draws, burnin=args.confirm_burnin)
         LLCEstimator(**common)  # option errors before loading anything
-        if args.confirm_draws < 0 or args.confirm_chains < 2 or args.confirm_burnin < 0:
-            raise EstimatorError("--confirm-chains must be >= 2 (the drift test compares chains), --confirm-draws and "
-                                 "--confirm-burnin >= 0")
+        if args.confirm_draws < 0 or args.confirm_chains < 2:
+            raise EstimatorError("--confirm-chains must be >= 2 (the drift test compares chains), --confirm-draws >= 0")
+        try:
+            parse_burnin(args.confirm_burnin, 1.0)
+        except EstimatorError as e:  # the llc estimator's message names its own flag
+            raise EstimatorError(str(e).replace("--llc-burnin", "--confirm-burnin")) from None
+
         if not 0 <= args.precision < 1:
             raise EstimatorError("--precision must lie in [0, 1) (a fraction of the LLC; 0: no extra chains)")
         if not path.is_file():

@@ -8,7 +8,7 @@ burn-in (4 chains x 1,000 draws, step 0.03/nbeta); the teachers and students are
 
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 3 minutes here with two jobs.
+About 5 minutes here with two jobs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import validate_llc as suite  # noqa: E402
 
 CASES = ["linreg-20to5", "dln-8x3-r3", "dln-8x3-r3-n60k"]
 LOCALIZATIONS = ["1", "3", "10", "100"]
-BURNINS = [1_000, 10_000]
+BURNINS = [1_000, "auto", 10_000]  # "auto": the default, 1,000 x sqrt(nbeta / 145)
 
 
 def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
@@ -37,19 +37,22 @@ def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
         for burnin in BURNINS:
             r = suite.estimate(ctx, {"localization": loc, "burnin": burnin})
             rows.append({"case": case.name, "n": r["n"], "truth": r["llc_truth"], "localization": float(loc),
-                         "loc_per_nbeta": r["localization_per_nbeta"], "burnin": burnin, "llc": r["llc_mean"],
+                         "loc_per_nbeta": r["localization_per_nbeta"], "burnin": str(burnin),
+                         "n_burnin": r["n_burnin"], "llc": r["llc_mean"],
                          "sem": r["llc_sem"], "error": r["llc_mean"] / r["llc_truth"] - 1, "drift": r["drift"],
                          "healthy": r["healthy"], "seconds": r["wall_seconds"]})
     return rows
 
 
 def page(table: pd.DataFrame, seconds: float) -> str:
-    def cell(g: pd.DataFrame, burnin: int) -> str:
-        r = g[g.burnin == burnin].iloc[0]
-        return f"{r['llc']:.3g} +- {r['sem']:.2g} ({r['error']:+.0%}){'' if r['healthy'] else ' ✗'}"
+    def cell(g: pd.DataFrame, burnin) -> str:
+        r = g[g.burnin == str(burnin)].iloc[0]
+        steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
+        return f"{r['llc']:.3g} +- {r['sem']:.2g} ({r['error']:+.0%}){steps}{'' if r['healthy'] else ' ✗'}"
 
     lines = ["| case | n | truth | gamma | gamma / nbeta | "
-             + " | ".join(f"burn-in {b:,}" for b in BURNINS) + " |", "|" + "---|" * (5 + len(BURNINS))]
+             + " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in BURNINS) + " |",
+             "|" + "---|" * (5 + len(BURNINS))]
     for (case, loc), g in table.groupby(["case", "localization"], sort=False):
         r = g.iloc[0]
         lines.append(f"| {case} | {r['n']:,} | {r['truth']:.4g} | {loc:g} | {r['loc_per_nbeta']:.2g} | "

@@ -1,4 +1,6 @@
 """When does a difference between two estimates count, if their standard errors come from few replicates?
+(Used where a difference is the claim: the branch verdicts. Where agreement is the evidence, as in calibrate's
+plateau test, a wider bound would accept more, and that test keeps its normal bound: analyze/llc/calibrate.py.)
 
 An LLC's standard error comes from the spread of C independent chains (C - 1 degrees of freedom), and with 2 or
 4 chains that spread is itself very uncertain: on a deep linear net the 4-chain errors of one setting ranged

@@ -96,10 +96,15 @@ def reading(lines: list[str]) -> list[str]:
     return [*out, ""] if out else []
 
 
+def setting_rows(llc: pd.DataFrame, setting: dict) -> pd.DataFrame:
+    """The llc rows of one sampler setting (columns -> values, as `settings` gives them)."""
+    return llc[np.logical_and.reduce([llc[key] == value for key, value in setting.items()])]
+
+
 def every_checkpoint_cost(tables, calibrated: dict, args) -> str:
     """What the LLC at the calibrated setting at every checkpoint would take, from this run's own times."""
     llc, checkpoints = tables["llc"], tables["hessian"].drop_duplicates(["run", "epoch"])
-    rows = llc[np.logical_and.reduce([llc[key] == value for key, value in calibrated.items()])]
+    rows = setting_rows(llc, calibrated)
     workers = args.workers or os.cpu_count() or 1
     minutes = len(checkpoints) * rows.seconds.median() / workers / 60
     return (f"The LLC at the calibrated setting at every one of the {len(checkpoints)} checkpoints (`--llc-epochs "
@@ -119,15 +124,16 @@ def margin_lines(tables, settings, lambda_min: float) -> list[str]:
         return [head + ": no downward curvature there.", ""]
     llc, out = tables["llc"], []
     for name, f in settings.items():
-        rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
+        rows = setting_rows(llc, f)
         if len(rows):
             gamma, nbeta = rows.localization.iloc[0], rows.nbeta.iloc[0]
             margin = localization_margin(gamma, nbeta, lambda_min)
             out.append(f"- {name} setting: gamma {gamma:g} + nbeta {nbeta:.0f} x lambda_min = {margin:,.0f}"
                        + (": negative, the localizer does not hold the chains there" if margin < 0 else ""))
-    return [head + ": the checkpoint is not at a minimum, and the localized potential nbeta L + gamma |w - w*|^2 / 2 "
-            "curves down at w* unless gamma > -nbeta lambda_min (`localization_margin`, docs/llc.md); where it does, "
-            "chains can descend instead of settling (negative drift):", *out, ""]
+    return [head + ": on these samples the localized potential nbeta L + gamma |w - w*|^2 / 2 curves down at w* "
+            "unless gamma > -nbeta lambda_min (`localization_margin`, docs/llc.md). A subsample's Hessian dips below "
+            "zero even at a minimum, so this alone does not prove a descent; together with the negative drifts above "
+            "it says the chains descend from a checkpoint that is not at a minimum:", *out, ""]
 
 
 def write_doc(path: Path, description: str, study, tables, family, cut, settings, lr, loc, why, args, timings, lines,
@@ -139,10 +145,11 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
     llc = tables["llc"]
     per_setting = []
     for name, f in settings.items():
-        rows = llc[np.logical_and.reduce([llc[key] == value for key, value in f.items()])]
+        rows = setting_rows(llc, f)
         per_setting.append(f"- {name} setting: {len(rows)} checkpoints, {int(rows.healthy.sum())} healthy; "
                            f"median R-hat {rows.rhat.median():.3f}, median |drift| {rows.drift.abs().median():.2f} "
-                           f"(negative at {int((rows.drift < 0).sum())} of {len(rows)}: the sampled loss falling during the draws), "
+                           f"(negative at {int((rows.drift < 0).sum())} of {len(rows)}: the sampled loss falling "
+                           "during the draws), "
                            f"step_curvature (eps x nbeta x lambda_max, stable below 2) {rows.step_curvature.min():.2g}"
                            f" to {rows.step_curvature.max():.2g}, "
                            f"median seconds per checkpoint {rows.seconds.median():.0f}")

@@ -267,10 +267,10 @@ def main() -> int:
     log = out / "timings.json"
     args.llc_epochs = args.llc_epochs or f"{cut}-{epochs}:5"
 
+    cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
     if args.doc_only:
         if not (analysis / "llc").is_dir():
             raise SystemExit(f"{PROG}: --doc-only: {analysis} holds no finished analysis; run without it first")
-        cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
         lr, loc, burnin, why = llc_setting(args, analysis, family, cut, cut_ckpt)
     else:
         began = time.perf_counter()
@@ -309,7 +309,6 @@ def main() -> int:
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items() if k != _stages.WALL)
           + f"; wall time {totals.get(_stages.WALL, sum(totals.values())) / 60:.1f} min")
     if args.doc:
-        cut_ckpt = ckpts / f"{family}-trunk" / f"epoch-{cut:04d}.safetensors"
         lambda_min = cutoff_lambda_min(tables, f"{family}-trunk", cut, cut_ckpt, args)
         write_doc(Path(args.doc), __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args,
                   totals, lines, sections, lambda_min)

@@ -31,8 +31,8 @@ from trainer.truth import true_learning_coefficient
 # - a fixed burn-in does not carry over across n on singular models: each step's noise is sqrt(eps), which
 #   shrinks as 1 / sqrt(nbeta) at a fixed eps x nbeta, while a singular direction's posterior width (quartic and
 #   higher loss) shrinks only as nbeta^(-1/4) or slower, so crossing it takes steps growing as sqrt(nbeta) or
-#   faster. On the multiplicity-4 deep linear net at n = 59,940, 1,000 burn-in steps gave -18% and 6,000 -1%
-#   (docs/llc-localization.md). `auto` = AUTO_BURNIN x sqrt(nbeta / AUTO_BURNIN_NBETA), at least AUTO_BURNIN:
+#   faster. On the multiplicity-4 deep linear net at n = 59,940, 1,000 burn-in steps gave -18% and `auto`'s
+#   6,130 -0% (docs/llc-localization.md). `auto` = AUTO_BURNIN x sqrt(nbeta / AUTO_BURNIN_NBETA), at least AUTO_BURNIN:
 #   1,000 steps at n ~ 1,000, where they settle every case of the truth suite; 2,700 at n = 10,000; 6,100 at 60,000.
 DEFAULTS = dict(chains=4, draws=1000, burnin="auto", lr="0.03/nbeta", localization="10", batch_size="auto",
                 gradient="control-variate")

@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             parse_burnin(args.confirm_burnin, 1.0)
         except EstimatorError as e:  # the llc estimator's message names its own flag
             raise EstimatorError(str(e).replace("--llc-burnin", "--confirm-burnin")) from None
-
         if not 0 <= args.precision < 1:
             raise EstimatorError("--precision must lie in [0, 1) (a fraction of the LLC; 0: no extra chains)")
         if not path.is_file():
@@ -127,9 +126,10 @@ def margin_text(grid) -> str:
             "lambda_min")
     if not len(weak):
         return text + " is positive at every localization of the grid"
-    return (text + f" is negative at localization {', '.join(weak.localization_option)}: the checkpoint is not at a "
-            "minimum and these localizations do not hold the chains against the loss's downward curvature (they "
-            "can descend: negative drift, an LLC that falls with the chain length)")
+    return (text + f" is negative at localization {', '.join(weak.localization_option)}: on these samples the loss "
+            "curves down at the checkpoint more than these localizations hold. Where the full loss does too, their "
+            "chains descend (negative drift, an LLC that falls with the chain length); a subsample's Hessian can "
+            "also dip below zero at a minimum, so read it with the drift")
 
 
 def print_summary(table, lrs: list[str], path: Path) -> None:

@@ -129,7 +129,7 @@ def margin_lines(tables, settings, lambda_min: float) -> list[str]:
             gamma, nbeta = rows.localization.iloc[0], rows.nbeta.iloc[0]
             margin = localization_margin(gamma, nbeta, lambda_min)
             out.append(f"- {name} setting: gamma {gamma:g} + nbeta {nbeta:.0f} x lambda_min = {margin:,.0f}"
-                       + (": negative, the localizer does not hold the chains there" if margin < 0 else ""))
+                       + (": negative on these samples" if margin < 0 else ""))
     return [head + ": on these samples the localized potential nbeta L + gamma |w - w*|^2 / 2 curves down at w* "
             "unless gamma > -nbeta lambda_min (`localization_margin`, docs/llc.md). A subsample's Hessian dips below "
             "zero even at a minimum, so this alone does not prove a descent; together with the negative drifts above "

@@ -76,13 +76,7 @@ def parse_batch_size(text: str, lr: float, nbeta: float, n: int, control_variate
     if str(text).strip() == "auto":
         plain = min(n, max(1, math.ceil(AUTO_BATCH * lr * nbeta ** 2)))
         return min(plain, AUTO_BATCH_CV) if control_variate else plain
-    try:
-        value = int(text)
-    except ValueError:
-        raise EstimatorError(f"--llc-batch-size: {text!r} is neither a whole number nor 'auto'") from None
-    if value < 0:
-        raise EstimatorError(f"--llc-batch-size: {text!r} must be >= 0 (0 = full batch)")
-    return value
+    return _whole_number(text, "--llc-batch-size", " (0 = full batch)")
 
 
 def parse_burnin(text, nbeta: float) -> int:
@@ -90,12 +84,17 @@ def parse_burnin(text, nbeta: float) -> int:
     AUTO_BURNIN: see DEFAULTS)."""
     if str(text).strip() == "auto":
         return max(AUTO_BURNIN, round(AUTO_BURNIN * math.sqrt(nbeta / AUTO_BURNIN_NBETA)))
+    return _whole_number(text, "--llc-burnin")
+
+
+def _whole_number(text, flag: str, zero_means: str = "") -> int:
+    """A whole number >= 0 for an option that also takes 'auto' (handled by the caller), or a one-line error."""
     try:
         value = int(text)
     except ValueError:
-        raise EstimatorError(f"--llc-burnin: {text!r} is neither a whole number nor 'auto'") from None
+        raise EstimatorError(f"{flag}: {text!r} is neither a whole number nor 'auto'") from None
     if value < 0:
-        raise EstimatorError(f"--llc-burnin: {text!r} must be >= 0")
+        raise EstimatorError(f"{flag}: {text!r} must be >= 0{zero_means}")
     return value
 
 

@@ -22,6 +22,19 @@ def bin_path(name: str, prog: str) -> str:
     return str(path)
 
 
+def doc_path(doc: str | None, prog: str) -> Path | None:
+    """The --doc page's path with its folder created now, before the run: a folder that cannot be made ends the
+    script with one line at the start instead of a traceback after hours of work."""
+    if doc is None:
+        return None
+    path = Path(doc)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{prog}: --doc: cannot create {path.parent}: {e.strerror or e}") from None
+    return path
+
+
 def run(cmd: list[str], prog: str, env: dict[str, str] | None = None) -> None:
     """Run a command (with `env` added to the environment); a failure ends the script with one line (its own
     message is above it)."""

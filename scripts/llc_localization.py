@@ -72,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/llc-localization.md)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once (default: the cores)")
     args = ap.parse_args(argv)
+    doc = suite.doc_path(args.doc, "llc_localization.py")
     start = time.perf_counter()
     cases = [c for c in suite.CASES if c.name in CASES]
     rows = [row for result in suite.run_in_processes(sweep_rows, [(c, Path(args.out)) for c in cases], args.jobs)
             for row in result]
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    if args.doc:
-        Path(args.doc).write_text(page(table, time.perf_counter() - start))
+    if doc:
+        doc.write_text(page(table, time.perf_counter() - start))
         print(f"wrote {args.doc}")
     return 0
 

@@ -160,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    doc = _stages.doc_path(args.doc, PROG)
     out = Path(args.out)
     ckpts, analysis = out / "ckpts", out / "ckpts" / "analysis"
     data = ["--data-root", args.data_root] if args.data_root else []
@@ -188,12 +189,7 @@ def main(argv=None) -> int:
     hsic, accuracy = read_tables(analysis, args)
     groups = layer_groups(hsic)
     print_paths(hsic, groups)
-    if args.doc:
-        doc = Path(args.doc)
-        try:
-            doc.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"{PROG}: cannot create {doc.parent}: {e.strerror or e}") from None
+    if doc:
         png = doc.with_suffix(".png")
         figure(hsic, accuracy, groups, args, png)
         timings["figure and page"] = time.perf_counter() - start

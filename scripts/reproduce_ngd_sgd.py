@@ -245,6 +245,7 @@ def main() -> int:
     ap.add_argument("--cut-off-epochs", type=int, help="override cut_off_epochs (smoke runs)")
     ap.add_argument("--hidden-nodes", type=int, help="override the hidden width (smoke runs)")
     args = ap.parse_args()
+    doc = _stages.doc_path(args.doc, PROG)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,9 +309,9 @@ def main() -> int:
     print("\ntimings (summed over the runs on this folder): "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items() if k != _stages.WALL)
           + f"; wall time {totals.get(_stages.WALL, sum(totals.values())) / 60:.1f} min")
-    if args.doc:
+    if doc:
         lambda_min = cutoff_lambda_min(tables, f"{family}-trunk", cut, cut_ckpt, args)
-        write_doc(Path(args.doc), __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args,
+        write_doc(doc, __doc__.split("\n\n")[1], study, tables, family, cut, settings, lr, loc, why, args,
                   totals, lines, sections, lambda_min)
     return 0
 

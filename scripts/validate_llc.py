@@ -36,7 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _stages, next to this file (also when imported)
+from _stages import doc_path  # noqa: E402
 from analyze.llc.calibrate import calibrate, context_for  # noqa: E402
 from analyze.llc.calibration_table import plateau_text  # noqa: E402
 from analyze.estimators.llc import DEFAULTS, LLCEstimator  # noqa: E402
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", help="rebuild the table (and --doc) from the rows a previous --json wrote, "
                     "without sampling")
     args, extra = ap.parse_known_args(argv)
+    doc = doc_path(args.doc, "validate_llc.py")
     options = {}
     for flag, value in zip(extra[::2], extra[1::2]):
         if not flag.startswith("--llc-"):
@@ -206,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]
         table = pd.DataFrame(rows)
         print("\n".join(summary(table)))
-        if args.doc:
+        if doc:
             seconds = table.seconds.sum() + table.get("cal_seconds", pd.Series(dtype=float)).sum()
-            write_doc(Path(args.doc), table, options, seconds, sampling_only=True)
+            write_doc(doc, table, options, seconds, sampling_only=True)
         return 0
     names = (QUICK if args.quick else args.cases.split(",") if args.cases
              else [c.name for c in CASES if c.scale == args.scale])
@@ -227,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     print(table.drop(columns="cal_plateau", errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print("\n".join(summary(table)))
-    if args.doc:
-        write_doc(Path(args.doc), table, options, time.perf_counter() - start)
+    if doc:
+        write_doc(doc, table, options, time.perf_counter() - start)
     return 0
 
 

@@ -34,8 +34,7 @@ def test_small_study_writes_verdicts_page_and_figure_and_the_cutoffs_downward_cu
     import analyze
     from analyze.llc.calibrate import context_for
 
-    out, doc = tmp_path / "out", tmp_path / "docs" / "ngd.md"
-    doc.parent.mkdir()
+    out, doc = tmp_path / "out", tmp_path / "docs" / "ngd.md"  # the script creates docs/
     done = _run("--out", str(out), "--doc", str(doc), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     page = doc.read_text()

@@ -86,7 +86,12 @@ def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
     """One line: whether a's measure lies above b's, over the healthy compared points."""
     healthy = table[table.healthy]
     if not len(healthy):
-        return f"{measure}: NO VERDICT: none of {len(table)} compared points is healthy on both branches"
+        # What the unhealthy points say, so a reader sees it without reading it as a verdict: their chains
+        # measured something else (e.g. a descent from a checkpoint not at a minimum), in whichever direction.
+        counts = table.call.value_counts()
+        seen = (f" (the unhealthy points, not a verdict: {a} above {b} at {counts.get('above', 0)} of {len(table)},"
+                f" below at {counts.get('below', 0)})" if len(table) else "")
+        return f"{measure}: NO VERDICT: none of {len(table)} compared points is healthy on both branches{seen}"
     counts = healthy.call.value_counts()
     above, below = counts.get("above", 0), counts.get("below", 0)
     n = len(healthy)

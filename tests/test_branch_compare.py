@@ -44,7 +44,12 @@ def test_unhealthy_points_are_left_out_of_the_verdict():
     text = bc.verdict(bc.at_matched_epoch(a, b, after=0), "NGD", "SGD", "LLC")
     assert text.startswith("LLC: NGD BELOW") and "2 unhealthy points left out" in text
     none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]).assign(ok=False), "ngd", "value", "se", ok="ok")
-    assert "NO VERDICT" in bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC")
+    # no healthy point: no verdict, but what the unhealthy points show (5 below 10 by 5 combined errors / sqrt 2)
+    assert bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC") == (
+        "LLC: NO VERDICT: none of 1 compared points is healthy on both branches "
+        "(the unhealthy points, not a verdict: NGD above SGD at 0 of 1, below at 1)")
+    assert bc.verdict(bc.at_matched_epoch(none, b, after=10), "NGD", "SGD", "LLC") == (
+        "LLC: NO VERDICT: none of 0 compared points is healthy on both branches")
 
 
 def test_few_chain_standard_errors_need_students_t():

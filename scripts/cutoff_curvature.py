@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Is the NGD-vs-SGD study's cut-off checkpoint at a minimum? The Hessian's smallest eigenvalue there, on growing
+seeded subsets of the training set, against the same measurement at a minimum.
+
+`analyze calibrate` reports lambda_min on the Hessian estimator's 1,280 samples, and at the study's cut-off it is
+negative (docs/ngd-vs-sgd.md). A subsample's Hessian dips below zero even at a minimum of the full loss (its
+noise has no sign), so one number cannot tell a real downward curvature from that noise. Here lambda_min (and
+lambda_max) at the cut-off checkpoint (epoch 30 of the study's trunk: its args file on Fashion-MNIST, trained here
+with a one-epoch branch) on 1,280 to 12,800 samples, and as a control the same at a minimum of the empirical loss:
+the trained student of the truth suite's 20-10-20 deep linear net (n = 59,940, full-batch gradient descent,
+scripts/validate_llc.py), up to its whole training set. Noise shrinks as the subset grows; a real downward
+curvature stays.
+
+Usage: python scripts/cutoff_curvature.py [--out cutoff-curvature] [--doc docs/cutoff-curvature.md]
+About 25 minutes here on one core (Lanczos from the bottom of the spectrum converges slowly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _stages, validate_llc: next to this file
+import _stages  # noqa: E402
+import validate_llc as suite  # noqa: E402
+from analyze.llc.stability import bottom_hessian_eigenvalue, top_hessian_eigenvalue  # noqa: E402
+
+PROG = "cutoff_curvature.py"
+STUDY_ARGS = Path(__file__).resolve().parent / "args_ngd_sgd.json"
+CONTROL = "dln-20x10-r5"
+STUDY_SAMPLES = [1_280, 4_096, 12_800]
+CONTROL_SAMPLES = [1_280, 4_096, 12_800, 59_940]  # the last: the whole training set
+
+
+def cutoff_checkpoint(out: Path, data: list[str], device: str) -> Path:
+    """The study's trunk at its cut-off, trained by train-ckpts from the args file as it is, but for a one-epoch
+    branch (the trunk is the same run as the study's; reused when already there)."""
+    study = json.loads(STUDY_ARGS.read_text())
+    cut = study[0]["cut_off_epochs"]
+    ckpts = out / "ckpts"
+    ckpt = ckpts / f"ffnn-{study[0]['hidden_layers'][0]}x{study[0]['hidden_nodes'][0]}-trunk" / f"epoch-{cut:04d}.safetensors"
+    if not ckpt.exists():
+        _stages.run([_stages.bin_path("train-ckpts", PROG), "--config", str(STUDY_ARGS), "--num-epochs", str(cut + 1),
+                     "--out", str(ckpts), *data, "--device", device, "--quiet"]
+                    + (["--resume"] if ckpts.exists() else []), PROG)
+    return ckpt
+
+
+def curvature_rows(model: str, ckpt: Path, sample_counts: list[int]) -> list[dict]:
+    ctx = suite.context_for(ckpt)
+    n = len(ctx.splits.train)
+    rows = []
+    for samples in sample_counts:
+        start = time.perf_counter()
+        lambda_min = bottom_hessian_eigenvalue(ctx, samples)
+        lambda_max = top_hessian_eigenvalue(ctx, samples)
+        rows.append({"model": model, "samples": min(samples, n), "n": n, "lambda_min": lambda_min,
+                     "lambda_max": lambda_max, "seconds": time.perf_counter() - start})
+        print(f"{model}: {min(samples, n):,} samples: lambda_min {lambda_min:.4g}, lambda_max {lambda_max:.4g} "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def page(table: pd.DataFrame, seconds: float) -> str:
+    lines = ["| checkpoint | samples | of n | lambda_min | lambda_max | lambda_min / lambda_max | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.model} | {r.samples:,} | {r.n:,} | {r.lambda_min:.3g} | {r.lambda_max:.3g} | "
+                     f"{r.lambda_min / r.lambda_max:+.2g} | {r.seconds:.0f} |")
+    return ("# Downward curvature at the NGD-vs-SGD study's cut-off checkpoint\n\n"
+            "Written by `scripts/cutoff_curvature.py` (do not edit by hand). " + " ".join(__doc__.split("\n\n")[1].split())
+            + f" Whole run: {seconds / 60:.1f} min on this machine.\n\n"
+            "lambda_min and lambda_max: the smallest and largest eigenvalue of the mean loss's Hessian on that many "
+            "seeded training samples (Lanczos, analyze/llc/stability.py, as `analyze calibrate` measures them; "
+            "lambda_min to a relative tolerance of 1e-3).\n\n" + "\n".join(lines) + "\n\n"
+            + "\n".join(reading(table)) + "\n")
+
+
+def reading(table: pd.DataFrame) -> list[str]:
+    """What the numbers say: does lambda_min shrink with the subset (noise) or stay (a real downward curve)?"""
+    out = []
+    for model, g in table.groupby("model", sort=False):
+        first, last = g.iloc[0], g.iloc[-1]
+        out.append(f"- {model}: lambda_min {first.lambda_min:.3g} on {first.samples:,} samples, {last.lambda_min:.3g} "
+                   f"on {last.samples:,} ({last.lambda_min / first.lambda_min:.2f} of it)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="cutoff-curvature", help="folder for the trained checkpoints (reused when "
+                    "present; the control's in OUT/llc-truth) (default: %(default)s)")
+    ap.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist package)")
+    ap.add_argument("--device", default="cpu", help="torch device for training (default: %(default)s)")
+    ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/cutoff-curvature.md)")
+    args = ap.parse_args(argv)
+    doc = _stages.doc_path(args.doc, PROG)
+    out = Path(args.out)
+    start = time.perf_counter()
+    cutoff = cutoff_checkpoint(out, ["--data-root", args.data_root] if args.data_root else [], args.device)
+    control = suite.checkpoints(next(c for c in suite.CASES if c.name == CONTROL), out / "llc-truth")["trained"]
+    rows = (curvature_rows("study's cut-off (epoch 30, SGD trunk)", cutoff, STUDY_SAMPLES)
+            + curvature_rows(f"control: {CONTROL} trained student (a minimum)", control, CONTROL_SAMPLES))
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if doc:
+        doc.write_text(page(table, time.perf_counter() - start))
+        print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

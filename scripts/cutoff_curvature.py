@@ -9,10 +9,14 @@ lambda_max) at the cut-off checkpoint (epoch 30 of the study's trunk: its args f
 with a one-epoch branch) on 1,280 to 12,800 samples, and as a control the same at a minimum of the empirical loss:
 the trained student of the truth suite's 20-10-20 deep linear net (n = 59,940, full-batch gradient descent,
 scripts/validate_llc.py), up to its whole training set. Noise shrinks as the subset grows; a real downward
-curvature stays.
+curvature stays. Then, on the whole training set, what the LLC estimator meets there at the localizations the
+study page uses (the study's gamma 100, the calibrated 1000) and a stronger one: the gradient's norm and, in the
+quadratic model, the estimate's downward shift from a checkpoint that is not a stationary point
+(analyze/llc/stationarity.py), or where the localization does not hold the chains at all, the negative curvature
+that shows it.
 
 Usage: python scripts/cutoff_curvature.py [--out cutoff-curvature] [--doc docs/cutoff-curvature.md]
-About 25 minutes here on one core (Lanczos from the bottom of the spectrum converges slowly).
+About 30 minutes here on one core (Lanczos from the bottom of the spectrum converges slowly).
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ import sys
 import time
 from pathlib import Path
 
+import math
+
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _stages, validate_llc: next to this file
 import _stages  # noqa: E402
 import validate_llc as suite  # noqa: E402
 from analyze.llc.stability import bottom_hessian_eigenvalue, top_hessian_eigenvalue  # noqa: E402
+from analyze.llc.stationarity import gradient_offset  # noqa: E402
 
 PROG = "cutoff_curvature.py"
 STUDY_ARGS = Path(__file__).resolve().parent / "args_ngd_sgd.json"
 CONTROL = "dln-20x10-r5"
 STUDY_SAMPLES = [1_280, 4_096, 12_800]
 CONTROL_SAMPLES = [1_280, 4_096, 12_800, 59_940]  # the last: the whole training set
+LOCALIZATIONS = [100.0, 1_000.0, 10_000.0]  # the study's, the calibrated one (docs/ngd-vs-sgd.md), a stronger one
 
 
 def cutoff_checkpoint(out: Path, data: list[str], device: str) -> Path:
@@ -66,7 +74,36 @@ def curvature_rows(model: str, ckpt: Path, sample_counts: list[int]) -> list[dic
     return rows
 
 
-def page(table: pd.DataFrame, seconds: float) -> str:
+def stationarity_rows(model: str, ckpt: Path) -> list[dict]:
+    """At each localization, on the whole training set: the quadratic model's downward shift of the LLC estimate
+    (or the negative curvature that leaves it without one)."""
+    ctx = suite.context_for(ckpt)
+    n = len(ctx.splits.train)
+    nbeta = n / math.log(n)  # the llc estimator's default
+    rows = []
+    for gamma in LOCALIZATIONS:
+        start = time.perf_counter()
+        r = gradient_offset(ctx, nbeta, gamma)
+        rows.append({"model": model, "n": n, "nbeta": nbeta, "localization": gamma, "grad_norm": r.grad_norm,
+                     "offset": r.offset, "negative_curvature": r.negative_curvature, "cg_iterations": r.iterations,
+                     "seconds": time.perf_counter() - start})
+        print(f"{model}: gamma {gamma:g}: |g| {r.grad_norm:.3g}, offset {r.offset:.4g}, negative curvature "
+              f"{r.negative_curvature:.3g} ({r.iterations} CG iterations, {rows[-1]['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def stationarity_lines(table: pd.DataFrame) -> list[str]:
+    lines = ["| checkpoint | n | nbeta | gamma | -gamma / nbeta | gradient norm | LLC shift (quadratic model) | "
+             "CG iterations | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        shift = (f"-{r.offset:,.0f}" if math.isfinite(r.offset) else
+                 f"none: a direction of curvature {r.negative_curvature:.3g} < -gamma / nbeta, the chains descend")
+        lines.append(f"| {r.model} | {r.n:,} | {r.nbeta:,.0f} | {r.localization:g} | {-r.localization / r.nbeta:.3g} | "
+                     f"{r.grad_norm:.3g} | {shift} | {r.cg_iterations} | {r.seconds:.0f} |")
+    return lines
+
+
+def page(table: pd.DataFrame, stationarity: pd.DataFrame, seconds: float) -> str:
     lines = ["| checkpoint | samples | of n | lambda_min | lambda_max | lambda_min / lambda_max | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
@@ -78,7 +115,13 @@ def page(table: pd.DataFrame, seconds: float) -> str:
             "lambda_min and lambda_max: the smallest and largest eigenvalue of the mean loss's Hessian on that many "
             "seeded training samples (Lanczos, analyze/llc/stability.py, as `analyze calibrate` measures them; "
             "lambda_min to a relative tolerance of 1e-3).\n\n" + "\n".join(lines) + "\n\n"
-            + "\n".join(reading(table)) + "\n")
+            + "\n".join(reading(table)) + "\n\n## On the whole training set: the gradient and the LLC's shift\n\n"
+            "The llc estimator's nbeta = n / log n. `LLC shift`: (nbeta^2 / 2)(g'x + gamma |x|^2) with "
+            "x = (nbeta H + gamma I)^-1 g (conjugate gradients on exact Hessian products, to a relative residual of "
+            "1e-3), how far below its curvature share a Gaussian posterior around this checkpoint puts the estimate. "
+            "Where conjugate gradients meet a direction of curvature below -gamma / nbeta, the localized potential "
+            "curves down there on the whole training set: no stationary posterior, the chains keep descending.\n\n"
+            + "\n".join(stationarity_lines(stationarity)) + "\n")
 
 
 def reading(table: pd.DataFrame) -> list[str]:
@@ -109,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             + curvature_rows(f"control: {CONTROL} trained student (a minimum)", control, CONTROL_SAMPLES))
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    stationarity = pd.DataFrame(stationarity_rows("study's cut-off (epoch 30, SGD trunk)", cutoff)
+                                + stationarity_rows(f"control: {CONTROL} trained student (a minimum)", control))
+    print(stationarity.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if doc:
-        doc.write_text(page(table, time.perf_counter() - start))
+        doc.write_text(page(table, stationarity, time.perf_counter() - start))
         print(f"wrote {doc}")
     return 0
 

@@ -135,9 +135,9 @@ class PeakMemory:
         return False
 
 
-def reference_hessian(ctx, samples: int, seed: int = 0):
-    """Dense float64 Hessian of the mean loss on the estimator's samples (an analyze Context's model and loss), by
-    torch.func.hessian."""
+def flat_loss(ctx, samples: int, seed: int = 0):
+    """The mean loss on the estimator's samples as a float64 function of the flat parameter vector, and that vector
+    at the checkpoint (an analyze Context's model and loss)."""
     import copy
     import math
 
@@ -160,4 +160,20 @@ def reference_hessian(ctx, samples: int, seed: int = 0):
             i += math.prod(shape)
         return ctx.loss_fn(torch.func.functional_call(model, params, (x,)), y)
 
+    return loss, theta
+
+
+def reference_hessian(ctx, samples: int, seed: int = 0):
+    """Dense float64 Hessian of the mean loss on the estimator's samples, by torch.func.hessian."""
+    import torch
+
+    loss, theta = flat_loss(ctx, samples, seed)
     return torch.func.hessian(loss)(theta)
+
+
+def reference_gradient(ctx, samples: int, seed: int = 0):
+    """float64 gradient of the same loss, by torch.func.grad."""
+    import torch
+
+    loss, theta = flat_loss(ctx, samples, seed)
+    return torch.func.grad(loss)(theta)

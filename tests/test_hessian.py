@@ -23,7 +23,7 @@ from trainer.data import Split, Splits, load_dataset
 from trainer.losses import nll_loss
 from trainer.models import build_model
 
-from helpers import reference_hessian
+from helpers import reference_gradient, reference_hessian
 
 SAMPLES = 600  # fewer than the default 1280 to keep the float64 reference Hessian quick
 DIGITS = {"name": "digits", "split_seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
@@ -50,7 +50,7 @@ def digits_ctx(tmp_path_factory, make_ckpts) -> Context:
 def digits_reference(digits_ctx):
     Hm = reference_hessian(digits_ctx, SAMPLES)
     eigs = torch.linalg.eigvalsh(Hm).numpy()
-    return {"trace": Hm.trace().item(), "eigs": eigs[::-1].copy(),
+    return {"H": Hm, "trace": Hm.trace().item(), "eigs": eigs[::-1].copy(),
             "rank": int(np.sum(np.abs(eigs) > 1e-2 * eigs[-1]))}
 
 
@@ -158,6 +158,30 @@ def test_bottom_eigenvalue_and_localization_margin_match_the_dense_hessian(digit
     nbeta = 100.0
     assert localization_margin(-2 * nbeta * smallest, nbeta, lambda_min) > 0
     assert localization_margin(-0.5 * nbeta * smallest, nbeta, lambda_min) < 0
+
+
+def test_gradient_offset_matches_the_dense_quadratic_model(digits_ctx, digits_reference):
+    """The LLC's downward shift at a checkpoint that is not stationary, (nbeta^2 / 2)(g'x + gamma |x|^2) with
+    x = (nbeta H + gamma I)^-1 g, by CG on curvlinops' products against the dense float64 solve; where gamma is
+    below -nbeta lambda_min, no offset but a direction of curvature below -gamma / nbeta (and above lambda_min)."""
+    from analyze.llc.stationarity import gradient_offset
+
+    H = digits_reference["H"]
+    g = reference_gradient(digits_ctx, SAMPLES)
+    nbeta, smallest = 100.0, float(digits_reference["eigs"][-1])
+    gamma = -2 * nbeta * smallest  # A positive definite
+    x = torch.linalg.solve(nbeta * H + gamma * torch.eye(len(g), dtype=H.dtype), g)
+    dense = 0.5 * nbeta ** 2 * float(g @ x + gamma * x @ x)
+    # the same shift as the Gaussian's E[nbeta (L - L*)] minus its curvature share, computed the long way
+    mu, cov = -nbeta * x, torch.linalg.inv(nbeta * H + gamma * torch.eye(len(g), dtype=H.dtype))
+    long_way = nbeta * float(g @ mu + 0.5 * mu @ H @ mu)
+    assert -long_way == pytest.approx(dense, rel=1e-9) and float(torch.trace(H @ cov)) > 0
+    result = gradient_offset(digits_ctx, nbeta, gamma, samples=SAMPLES, rtol=1e-6)
+    assert result.grad_norm == pytest.approx(float(g.norm()), rel=1e-4)
+    assert result.offset == pytest.approx(dense, rel=1e-3) and math.isnan(result.negative_curvature)
+    below = gradient_offset(digits_ctx, nbeta, -0.5 * nbeta * smallest, samples=SAMPLES)
+    assert math.isnan(below.offset)
+    assert smallest * (1 + 1e-3) <= below.negative_curvature < 0.5 * smallest
 
 
 def test_pyhessian_backend_agrees_with_default(digits_ctx, digits_reference):

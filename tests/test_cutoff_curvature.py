@@ -49,4 +49,11 @@ def test_page_shows_lambda_min_on_growing_subsets_matching_the_dense_hessian(tmp
     shifts = [line.split(" | ") for line in whole.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[3] for row in shifts] == ["10", "1000"] * 2
     assert shifts[0][6].startswith("none: a direction of curvature") and float(shifts[1][6].replace(",", "")) < 0
+    assert "- study's cut-off (epoch 30, SGD trunk): gradient norm" in whole and "curves down by more than" in whole
     assert float(shifts[2][5]) < 0.01 and float(shifts[2][6].replace(",", "")) > -1  # LLC 27.5 there
+
+    # --doc-only rebuilds the same page from the saved results, running nothing
+    again = tmp_path / "again.md"
+    monkeypatch.setattr(script, "cutoff_checkpoint", None)  # would fail if called
+    assert script.main(["--out", str(tmp_path / "out"), "--doc", str(again), "--doc-only"]) == 0
+    assert again.read_text() == doc.read_text()

@@ -133,7 +133,9 @@ def margin_lines(tables, settings, lambda_min: float) -> list[str]:
     return [head + ": on these samples the localized potential nbeta L + gamma |w - w*|^2 / 2 curves down at w* "
             "unless gamma > -nbeta lambda_min (`localization_margin`, docs/llc.md). A subsample's Hessian dips below "
             "zero even at a minimum, so this alone does not prove a descent; together with the negative drifts above "
-            "it says the chains descend from a checkpoint that is not at a minimum:", *out, ""]
+            "it says the chains descend from a checkpoint that is not at a minimum:", *out, "",
+            "The same on the whole training set, with the gradient and what it does to the estimate: "
+            "[cutoff-curvature.md](cutoff-curvature.md) (`scripts/cutoff_curvature.py`).", ""]
 
 
 def write_doc(path: Path, description: str, study, tables, family, cut, settings, lr, loc, why, args, timings, lines,

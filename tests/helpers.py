@@ -95,9 +95,16 @@ def rewrite_checkpoint(path: Path, tensors=None, **meta_overrides) -> Path:
                            dataset_spec=m["dataset_spec"], kind=m.get("kind", "epoch"))
 
 
+# `python -m analyze.cli`, with SIGINT's handler restored first, as a terminal's shell starts a command: a test
+# runner started in the background (`cmd &` without job control) passes SIGINT on ignored, and Python then keeps
+# ignoring it, so the Ctrl-C tests would see the run finish instead of being interrupted.
+AS_FROM_A_TERMINAL = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "runpy.run_module('analyze.cli', run_name='__main__', alter_sys=True)")
+
+
 def analyze_proc(*args, env=None, **kw) -> subprocess.Popen:
     """`python -m analyze.cli ARGS` in its own session (stop() ends it and its workers), output piped."""
-    return subprocess.Popen([PY, "-m", "analyze.cli", *map(str, args)], env=env or ENV, start_new_session=True,
+    return subprocess.Popen([PY, "-c", AS_FROM_A_TERMINAL, *map(str, args)], env=env or ENV, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -83,7 +83,8 @@ def _pairs(a: pd.DataFrame, b: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
 
 
 def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
-    """One line: whether a's measure lies above b's, over the healthy compared points."""
+    """One line: whether a's measure lies above b's, over the healthy compared points (no verdict unless more than
+    half of the compared points are healthy)."""
     healthy = table[table.healthy]
     if not len(healthy):
         # What the unhealthy points say, so a reader sees it without reading it as a verdict: their chains
@@ -95,6 +96,11 @@ def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
     counts = healthy.call.value_counts()
     above, below = counts.get("above", 0), counts.get("below", 0)
     n = len(healthy)
+    if 2 * n <= len(table):
+        # a few healthy points among many unhealthy ones are not the comparison: the study's calibrated LLC once
+        # read NGD ABOVE from 1 healthy point of 10
+        return (f"{measure}: NO VERDICT: only {n} of {len(table)} compared points are healthy on both branches (a "
+                f"verdict needs more than half; at those, {a} above {b} at {above}, below at {below})")
     detail = (f"{a} above {b} by more than t combined s.e. at {above} of {n} healthy points, below at {below}; "
               f"mean difference {healthy['diff'].mean():+.4g}"
               + (f" ({len(table) - n} unhealthy points left out)" if len(table) > n else ""))

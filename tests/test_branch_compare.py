@@ -38,11 +38,16 @@ def test_matched_loss_pairs_each_checkpoint_with_the_nearest_loss_within_toleran
 
 
 def test_unhealthy_points_are_left_out_of_the_verdict():
-    ngd = frame("ngd", [4, 5, 6], [5.0, 20.0, 20.0], [1.0] * 3, [1.0] * 3).assign(ok=[True, False, False])
+    ngd = frame("ngd", [4, 5, 6], [5.0, 5.0, 20.0], [1.0] * 3, [1.0] * 3).assign(ok=[True, True, False])
     a = bc.series(ngd, "ngd", "value", "se", ok="ok")
     b = bc.series(frame("sgd", [4, 5, 6], [10.0] * 3, [1.0] * 3, [1.0] * 3), "sgd", "value", "se")
     text = bc.verdict(bc.at_matched_epoch(a, b, after=0), "NGD", "SGD", "LLC")
-    assert text.startswith("LLC: NGD BELOW") and "2 unhealthy points left out" in text
+    assert text.startswith("LLC: NGD BELOW") and "1 unhealthy points left out" in text
+    # healthy at no more than half of the compared points: no verdict, what the healthy ones say
+    few = bc.series(ngd.assign(ok=[True, False, False]), "ngd", "value", "se", ok="ok")
+    assert bc.verdict(bc.at_matched_epoch(few, b, after=0), "NGD", "SGD", "LLC") == (
+        "LLC: NO VERDICT: only 1 of 3 compared points are healthy on both branches (a verdict needs more than half; "
+        "at those, NGD above SGD at 0, below at 1)")
     none = bc.series(frame("ngd", [4], [5.0], [1.0], [1.0]).assign(ok=False), "ngd", "value", "se", ok="ok")
     # no healthy point: no verdict, but what the unhealthy points show (5 below 10 by 5 combined errors / sqrt 2)
     assert bc.verdict(bc.at_matched_epoch(none, b, after=0), "NGD", "SGD", "LLC") == (

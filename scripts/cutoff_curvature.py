@@ -59,8 +59,7 @@ def cutoff_checkpoint(out: Path, data: list[str], device: str) -> Path:
     return ckpt
 
 
-def curvature_rows(model: str, ckpt: Path, sample_counts: list[int]) -> list[dict]:
-    ctx = suite.context_for(ckpt)
+def curvature_rows(model: str, ctx, sample_counts: list[int]) -> list[dict]:
     n = len(ctx.splits.train)
     rows = []
     for samples in sample_counts:
@@ -74,10 +73,9 @@ def curvature_rows(model: str, ckpt: Path, sample_counts: list[int]) -> list[dic
     return rows
 
 
-def stationarity_rows(model: str, ckpt: Path) -> list[dict]:
+def stationarity_rows(model: str, ctx) -> list[dict]:
     """At each localization, on the whole training set: the quadratic model's downward shift of the LLC estimate
     (or the negative curvature that leaves it without one)."""
-    ctx = suite.context_for(ckpt)
     n = len(ctx.splits.train)
     nbeta = n / math.log(n)  # the llc estimator's default
     rows = []
@@ -180,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cutoff = cutoff_checkpoint(out, ["--data-root", args.data_root] if args.data_root else [], args.device)
     control = suite.checkpoints(next(c for c in suite.CASES if c.name == CONTROL), out / "llc-truth")["trained"]
-    rows = (curvature_rows("study's cut-off (epoch 30, SGD trunk)", cutoff, STUDY_SAMPLES)
-            + curvature_rows(f"control: {CONTROL} trained student (a minimum)", control, CONTROL_SAMPLES))
+    # each checkpoint's context (model and training set) is loaded once, for both measurements
+    measured = [("study's cut-off (epoch 30, SGD trunk)", suite.context_for(cutoff), STUDY_SAMPLES),
+                (f"control: {CONTROL} trained student (a minimum)", suite.context_for(control), CONTROL_SAMPLES)]
+    rows = [row for name, ctx, samples in measured for row in curvature_rows(name, ctx, samples)]
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    stationarity = pd.DataFrame(stationarity_rows("study's cut-off (epoch 30, SGD trunk)", cutoff)
-                                + stationarity_rows(f"control: {CONTROL} trained student (a minimum)", control))
+    stationarity = pd.DataFrame([row for name, ctx, _ in measured for row in stationarity_rows(name, ctx)])
     print(stationarity.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)

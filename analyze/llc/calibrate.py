@@ -12,8 +12,8 @@ with SETTLE_BURNIN x the burn-in; if it is still unhealthy, the smaller steps at
 (analyze/llc/statistics.py: no chain diverged or left the basin, at a minimum, R-hat < 1.1, |drift| <= 3,
 stable step). Two estimates *agree* when their difference is within AGREEMENT_SE combined standard errors plus
 AGREEMENT_SLACK of their size. (Not Student's t, unlike the branch verdicts: agreement is the evidence of a
-plateau here, and a wider bound would accept more; with t at 4 chains the demo's MLP at gamma 1 found a
-"plateau" at 50 and 43 and was recommended, where the loss's downward curvature lets the chains descend.) The recommendation: the weakest localization
+plateau here, and a wider bound would accept more; with t at 4 chains, 50.1 +- 1.4 and 43.3 +- 1.4 on the demo's
+MLP, 3.4 combined errors apart, counted as a plateau.) The recommendation: the weakest localization
 at which every step is healthy (strong localization biases the LLC low), and at it the plateau the smallest
 steps reach: from the smallest step up, the steps that agree with their next larger one (bottom_plateau), of
 which the largest is recommended. It and its larger neighbour are on the plateau, and of the two it carries

@@ -33,8 +33,9 @@ def bottom_hessian_eigenvalue(ctx: "Context", samples: int | None = None, seed: 
     """lambda_min of the same Hessian. Negative where the loss on these samples curves down at the checkpoint (not
     at a minimum, or a subsample's dip at one: -0.1 to -0.24 on the truth suite's deep linear nets at their
     minimum); then the localized potential nbeta L + gamma |w - w*|^2 / 2 curves down at w* unless
-    gamma > -nbeta lambda_min (localization_margin), and where the full loss does too the chains descend. Slower than lambda_max: the bottom of
-    a trained net's spectrum is a dense cluster near 0 (about a minute on the study's 269k-parameter MLP)."""
+    gamma > -nbeta lambda_min (localization_margin), and where the full loss does too the chains descend. Slower
+    than lambda_max: the bottom of a trained net's spectrum is a dense cluster near 0 (about a minute on the
+    study's 269k-parameter MLP)."""
     from analyze.curvature.spectrum import bottom_eigenvalues
 
     return _hessian_eigenvalue(ctx, bottom_eigenvalues, samples, seed)

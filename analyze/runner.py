@@ -109,9 +109,28 @@ def progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="analyze", unit="task", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+ENVIRON_KEY = "distributed.nanny.pre-spawn-environ"
+
+
+def worker_environ() -> dict:
+    """The environment dask's nanny gives each worker process, without MALLOC_TRIM_THRESHOLD_.
+
+    dask sets it (to 64 KiB) so that workers hand freed memory back to the system. Setting it at all turns
+    off glibc's adaptive mmap threshold, so every tensor above 128 KiB that a step allocates is a fresh
+    mmap, page-faulted in and unmapped again: on the study's 269,322-parameter MLP an SGLD step took 1.8x
+    as long (scripts/bench_worker.py measures it). Our tasks allocate the same tensors every step, so glibc's
+    defaults keep them; the thread caps (OMP_NUM_THREADS=1 and the like) stay."""
+    import dask
+
+    environ = dict(dask.config.get(ENVIRON_KEY, default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
 @contextmanager
 def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     """A client of the cluster at `scheduler`, or of a local cluster of single-threaded worker processes."""
+    import dask
     from distributed import Client, LocalCluster
 
     if not debug:
@@ -139,8 +158,9 @@ def dask_client(scheduler: str | None, workers: int, debug: bool = False):
     # and nanny tracebacks) is noise.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.DEBUG if debug else logging.CRITICAL)
+        with dask.config.set({ENVIRON_KEY: worker_environ()}):
+            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=logging.DEBUG if debug else logging.CRITICAL)
     finally:
         signal.signal(signal.SIGINT, previous)
     with cluster, Client(cluster) as client, _quiet_if_cut_short(debug):

@@ -155,3 +155,18 @@ def test_failures_are_rows_in_errors_and_the_rest_is_analysed(dask_cluster, copi
         ("ffnn-1x8-swap-ngd", 3), ("ffnn-1x8-swap-sgd", 3), (TRUNK, 0), (TRUNK, 1)]
     assert sorted(zip(failing["run"], failing["epoch"])) == [
         ("ffnn-1x8-swap-ngd", 3), ("ffnn-1x8-swap-sgd", 3), (TRUNK, 0)]
+
+
+def test_local_workers_keep_glibcs_adaptive_malloc_and_one_thread(monkeypatch):
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers' environment, which turns off glibc's adaptive
+    mmap threshold and made every SGLD step 1.6x slower there (scripts/bench_worker.py); the local cluster's
+    workers start without it (unless this process's own environment sets it: a user's choice is kept), and with
+    the thread caps that keep one torch thread per worker."""
+    from analyze.runner import dask_client
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with dask_client(None, 1) as client:
+        (environ,) = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_",
+                                                                         "OMP_NUM_THREADS")}).values()
+    assert environ == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}

@@ -13,12 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
+import trainer
 import trainer.experiment as experiment
 from trainer.checkpoints import checkpoint_name, list_checkpoints, load_model, read_checkpoint
 from trainer.cli import config_from_args, main
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import NGD_REFRESH, ConfigError, TrainConfig, config_from_dict
 from trainer.data import load_dataset
 from trainer.models import build_model
+from trainer.optim.factory import build_optimizer, optimizer_settings
+from trainer.optim.ngd import REFRESH_MODES
 
 # The study's args file, as shipped for scripts/reproduce_ngd_sgd.py.
 STUDY_ARGS = json.loads((Path(__file__).parents[1] / "scripts" / "args_ngd_sgd.json").read_text())
@@ -250,6 +253,39 @@ def test_flags_override_the_config_file_and_unknown_keys_warn(tmp_path):
     assert (cfg.model_type, cfg.hidden_nodes, cfg.hidden_layers) == ("dlnn", [4, 5], [1, 2])
 
 
+def test_ngd_refresh_reaches_the_optimizer_from_flags_args_files_and_the_api(tmp_path, capsys, make_ckpts):
+    assert NGD_REFRESH == REFRESH_MODES
+    default = config_from_args([])
+    # The default leaves the recorded settings (which --resume compares) as runs before the option had them.
+    assert default.ngd_refresh == "exact" and "refresh" not in optimizer_settings("ngd", default)
+    study = tmp_path / "args.json"  # the study's args file format, with the option in its first object
+    study.write_text(json.dumps([{**STUDY_ARGS[0], "ngd_refresh": "subspace"}, *STUDY_ARGS[1:]]))
+    assert config_from_args(["--config", str(study)]).ngd_refresh == "subspace"
+    assert config_from_args(["--config", str(study), "--ngd-refresh", "exact"]).ngd_refresh == "exact"
+    toml = tmp_path / "c.toml"
+    toml.write_text('ngd_refresh = "subspace"\n')
+    cfg = config_from_args(["--config", str(toml)])
+    settings = optimizer_settings("ngd", cfg)
+    assert settings["refresh"] == "subspace"
+    assert build_optimizer(settings, [torch.nn.Parameter(torch.zeros(3))]).param_groups[0]["refresh"] == "subspace"
+    assert main(["--ngd-refresh", "fast", "--out", str(tmp_path / "no")]) == 2
+    assert capsys.readouterr().err.strip() == ("train-ckpts: error: invalid value for 'ngd_refresh': 'fast' is not "
+                                               "one of exact, subspace")
+
+    # Through trainer.train's keyword arguments into the run's record, and back.
+    out = tmp_path / "ck"
+    assert trainer.train(out=out, hidden_nodes=[8], hidden_layers=[1], experiment_type="standard", optimizer="ngd",
+                         num_epochs=1, batch_size=64, ngd_lr=0.05, seed=3, quiet=True, ngd_refresh="subspace").ok
+    record = json.loads((out / "ffnn-1x8-ngd" / "run.json").read_text())
+    assert record["optimizer"]["refresh"] == record["config"]["ngd_refresh"] == "subspace"
+    values = {k: v for k, v in record["config"].items() if k != "analysis_args"}
+    assert config_from_dict(values).to_dict() == {**record["config"], "analysis_args": {}}
+    same = dict(experiment_type="standard", optimizer="ngd", num_epochs=1, batch_size=64, resume=True)
+    make_ckpts(out, ngd_refresh="subspace", **same)  # the same run: nothing to do
+    with pytest.raises(ConfigError, match="different configuration"):  # its estimates are not the exact mode's
+        make_ckpts(out, **same)
+
+
 @pytest.mark.parametrize("values, key", [
     ({"num_epochs": 0}, "num_epochs"),
     ({"sgd_lr": -1}, "sgd_lr"),
@@ -259,6 +295,7 @@ def test_flags_override_the_config_file_and_unknown_keys_warn(tmp_path):
     ({"experiment_type": "swap", "cut_off_epochs": 20, "num_epochs": 10}, "cut_off_epochs"),
     ({"experiment_type": "swap", "optimizer": "sgd"}, "optimizer"),
     ({"momentum": "lots"}, "momentum"),
+    ({"ngd_refresh": "fast"}, "ngd_refresh"),
     ({"model_type": "layers", "layers": ["dense:10:softmax"]}, "layers"),
     ({"model_type": "layers", "layers": ["conv2d:4:3"]}, "layers"),
 ])
@@ -277,6 +314,7 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, values, key):
     ({"hidden_nodes": ["8"]}, "invalid value for 'hidden_nodes': ['8'] must be a list of integers"),
     ({"hidden_layers": [True]}, "invalid value for 'hidden_layers': [True] must be a list of integers"),
     ({"model_type": "layers", "layers": [1]}, "invalid value for 'layers': [1] must be a list of text"),
+    ({"ngd_refresh": 1}, "invalid value for 'ngd_refresh': 1 must be a string"),
 ])
 def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, capsys, values, message):
     cfg_file = tmp_path / "typed.json"

@@ -30,6 +30,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "teacher")
 MODEL_TYPES = ("ffnn", "dlnn", "cnn", "layers")
 EXPERIMENTS = ("standard", "swap")
 OPTIMIZERS = ("sgd", "ngd", "both")
+NGD_REFRESH = ("exact", "subspace")  # trainer.optim.ngd.REFRESH_MODES (this module does not import torch)
 
 
 def _opt(default, help: str, **kw):
@@ -88,6 +89,9 @@ class TrainConfig:
     eta: float = _opt(0.9, "NGD forgetting factor: F_t = eta S_t + (1 - eta) F_{t-1}")
     epsilon: float = _opt(1e-10, "NGD absolute eigenvalue floor")
     delta: float = _opt(5e-4, "NGD eigenvalue floor relative to the largest eigenvalue")
+    ngd_refresh: str = _opt("exact", "how NGD refreshes its Fisher estimates: exact (full eigendecomposition, the "
+                                     "algorithm's definition) or subspace (approximate: subspace iteration from the "
+                                     "previous estimate, cheaper on wide layers; see docs/training.md)")
     momentum: float = _opt(0.9, "momentum of SGD and NGD")
     nesterov: bool = _opt(True, "Nesterov momentum for SGD and NGD")
     # --- run
@@ -117,6 +121,7 @@ class TrainConfig:
         choice("model_type", MODEL_TYPES)
         choice("experiment_type", EXPERIMENTS)
         choice("optimizer", OPTIMIZERS)
+        choice("ngd_refresh", NGD_REFRESH)
         choice("teacher_task", ("classification", "regression"))
         choice("teacher_model_type", ("ffnn", "dlnn"))
         for key in ("batch_size", "num_epochs", "teacher_samples", "teacher_input_dim", "teacher_outputs"):

@@ -12,8 +12,13 @@ def optimizer_settings(name: str, cfg) -> dict:
     if name == "sgd":
         return {"name": "sgd", "lr": cfg.sgd_lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov}
     if name == "ngd":
-        return {"name": "ngd", "lr": cfg.ngd_lr, "alpha": cfg.alpha, "eta": cfg.eta, "epsilon": cfg.epsilon,
-                "delta": cfg.delta, "momentum": cfg.momentum, "nesterov": cfg.nesterov}
+        settings = {"name": "ngd", "lr": cfg.ngd_lr, "alpha": cfg.alpha, "eta": cfg.eta, "epsilon": cfg.epsilon,
+                    "delta": cfg.delta, "momentum": cfg.momentum, "nesterov": cfg.nesterov}
+        # Named only when not the default, so that runs trained before the option existed keep their
+        # settings (which --resume compares) and the exact mode's records stay as they were.
+        if cfg.ngd_refresh != "exact":
+            settings["refresh"] = cfg.ngd_refresh
+        return settings
     raise ValueError(f"unknown optimizer {name!r}")
 
 

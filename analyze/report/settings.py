@@ -21,7 +21,8 @@ CONFIG_COLUMNS = {
     "weights": (),
     "calibration": ("nbeta_option",),
 }
-OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "alpha", "eta", "epsilon", "delta")
+OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "alpha", "eta", "epsilon", "delta",
+                  "refresh")  # NGD's --ngd-refresh, recorded only when not the default (exact)
 CONFIG_KEYS = ("batch_size", "num_epochs", "cut_off_epochs", "dataset", "model_type")
 
 

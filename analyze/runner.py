@@ -117,7 +117,7 @@ def worker_environ() -> dict:
 
     dask sets it (to 64 KiB) so that workers hand freed memory back to the system. Setting it at all turns
     off glibc's adaptive mmap threshold, so every tensor above 128 KiB that a step allocates is a fresh
-    mmap, page-faulted in and unmapped again: on the study's 269,322-parameter MLP an SGLD step took 1.8x
+    mmap, page-faulted in and unmapped again: on the study's 269,322-parameter MLP an SGLD step took 1.6x
     as long (scripts/bench_worker.py measures it). Our tasks allocate the same tensors every step, so glibc's
     defaults keep them; the thread caps (OMP_NUM_THREADS=1 and the like) stay."""
     import dask

@@ -12,10 +12,10 @@ study's calibrated kind of setting) through `analyze.run`:
 
 and compares the task's own time (the llc row's `seconds`: model, data, chains, lambda_max; not the
 cluster's start-up), on two checkpoints, the faster of the two (a fresh worker's first task also pays its
-one-off imports and set-up, which a long analysis pays once). Target: dask worker / in-process <= 1.15. A third line shows why it once was not:
-the same SGLD chains in two fresh processes, one with MALLOC_TRIM_THRESHOLD_=65536 in its environment
-(what dask's nanny gives its workers unless told otherwise; analyze/runner.py's worker_environ drops
-it), one without. Runs are interleaved and the median of --repeats is printed; exit status 0 either way.
+one-off imports and set-up, which a long analysis pays once). Target: dask worker / in-process <= 1.15.
+A third line shows why it once was not: the same SGLD chains in two fresh processes, one with
+MALLOC_TRIM_THRESHOLD_=65536 in its environment (what dask's nanny gives its workers unless told
+otherwise; analyze/runner.py's worker_environ drops it), one without. Runs are interleaved and the median of --repeats is printed; exit status 0 either way.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = train_checkpoint(CASES["b"][1], Path(tmp) / "ckpts")
         times: dict[str, list[float]] = {k: [] for k in ("in-process", "dask worker", "trim", "no trim")}
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             times["in-process"].append(task_seconds(ckpt, 0, args.draws, Path(tmp) / "a0"))
             times["dask worker"].append(task_seconds(ckpt, 1, args.draws, Path(tmp) / "a1"))
             times["trim"].append(chains_seconds(ckpt, args.draws, DASK_TRIM))

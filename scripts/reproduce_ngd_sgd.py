@@ -12,8 +12,8 @@ Hessian trace than SGD. Stages, each timed and printed:
    curves down more than gamma 1000 holds, docs/cutoff-curvature.md), in the background from the moment the trunk
    has written it (alongside stages 1, 3 and 4, which leave a core idle or share both); its recommendation is
    used for every checkpoint (estimates are comparable only at equal settings); when none is confirmed, the
-   setting validated on a truth model of the model's size (SCALE_FALLBACK at the study's size, the defaults
-   on a small model);
+   setting validated on a truth model of the model's size (at the study's size SCALE_FALLBACK's step and
+   burn-in at the grid's strongest localization; the defaults on a small model);
 3. Hessian trace at every checkpoint: the exact trace (diagonal Gauss-Newton, equal to Tr(H) on a ReLU net)
    and lambda_max, with the standard error of the sample subset, plus the `evaluate` losses;
 4. the study's own sampler setting (eps 1e-4, gamma 100, 2 x 1,000, plain minibatches of 128) on every
@@ -62,8 +62,9 @@ PROG = "reproduce_ngd_sgd"
 STUDY_BURNIN = 0  # the notebook sets none: devinterp's estimate_learning_coeff default, 0 burn-in steps
 CONFIRM_BURNIN = 300  # the first burn-in calibrate confirms its pick with (then 3x, 9x while the chains settle)
 # When calibrate confirms nothing on a model of the study's size: the defaults' chains leave the basin there, and
-# docs/llc-validation-scale.md found gamma 1000 at 0.01/nbeta (settled after 2,000-3,000 burn-in steps) the weakest
-# localization that holds a 268,800-parameter deep linear net's chains, so that setting is used, and said so.
+# docs/llc-validation-scale.md found 0.01/nbeta (settled after 2,000-3,000 burn-in steps) the step that holds a
+# 268,800-parameter deep linear net's chains. Its localization there (gamma 1000) is too weak for this cut-off (see
+# LOCALIZATIONS), so the fallback takes that step and burn-in at the grid's strongest localization, and says so.
 LARGE_MODEL = 100_000  # parameters
 # The calibration grid's localizations. The cut-off checkpoint is not at a minimum: on the whole training set the loss
 # curves down there by 0.213 (docs/cutoff-curvature.md), more than gamma / nbeta holds at gamma <= 1000 (nbeta =
@@ -71,7 +72,7 @@ LARGE_MODEL = 100_000  # parameters
 # grid, 1 to 1000, spent 11 minutes and confirmed nothing). The grid therefore starts above that, and calibrate
 # picks the weaker of the two where its chains are healthy (a stronger localization biases the LLC lower).
 LOCALIZATIONS = "3000,10000"
-SCALE_FALLBACK = ("0.01/nbeta", "1000", 2000)
+SCALE_FALLBACK = ("0.01/nbeta", 2000)  # step, burn-in
 CALIBRATION = "calibration (alongside the stages before the calibrated LLC)"
 
 
@@ -83,9 +84,22 @@ def bin_path(name: str) -> str:
     return _stages.bin_path(name, PROG)
 
 
-def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
+def strongest_localization(localizations: str, cut_ckpt: Path, data_root: str | None) -> str:
+    """The strongest of a calibration grid's localizations (numbers or 'c*nbeta') at the cut-off's nbeta."""
+    from analyze.estimators.llc import parse_localization, parse_nbeta
+    from trainer.checkpoints import read_checkpoint
+    from trainer.data import load_dataset
+
+    grid = [t.strip() for t in localizations.split(",") if t.strip()]
+    n = len(load_dataset(read_checkpoint(cut_ckpt).meta["dataset_spec"], root=data_root).train)
+    return max(grid, key=lambda t: parse_localization(t, parse_nbeta("n/log n", n)))
+
+
+def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path, localizations: str,
+                       data_root: str | None = None) -> tuple[str, str, int, str]:
     """Step, localization and burn-in: calibrate's recommendation at the cut-off; when none qualified, the
-    setting validated on a truth model of the model's size (the defaults, or SCALE_FALLBACK on a large model)."""
+    setting validated on a truth model of the model's size (the defaults; on a large model SCALE_FALLBACK's step
+    and burn-in at the strongest of the calibration grid's `localizations`)."""
     import analyze
     from analyze.estimators.llc import DEFAULTS
     from analyze.llc.calibration_table import recommended_setting
@@ -99,9 +113,10 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path) 
             return setting["lr"], setting["localization"], burnin, "calibrate's recommendation"
     parameters = sum(t.numel() for t in read_checkpoint(cut_ckpt).tensors.values())
     if parameters >= LARGE_MODEL:
-        return (*SCALE_FALLBACK, f"no calibrated setting qualified: the setting validated on the {parameters:,}-"
-                "parameter model's size (docs/llc-validation-scale.md: the weakest localization that keeps the "
-                "chains of a 268,800-parameter deep linear net in the basin, 20-30% below its truth there)")
+        (lr, burnin), strongest = SCALE_FALLBACK, strongest_localization(localizations, cut_ckpt, data_root)
+        return (lr, strongest, burnin, f"no calibrated setting qualified: on this {parameters:,}-parameter model the "
+                f"step and burn-in that hold a 268,800-parameter deep linear net's chains in the basin "
+                f"(docs/llc-validation-scale.md), at the calibration grid's strongest localization, gamma {strongest}")
     return (DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
             "no calibrated setting qualified: the validated defaults")
 
@@ -149,7 +164,8 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
 
 def llc_setting(args, analysis: Path, family: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
     """The calibrated setting (calibrated_setting), or what --llc-lr/--llc-localization/--llc-burnin give."""
-    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt)
+    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt,
+                                              args.calibration_localizations, args.data_root)
     if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
         why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
                f"burn-in {burnin} ({why})")

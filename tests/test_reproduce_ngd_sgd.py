@@ -65,3 +65,39 @@ def test_small_study_writes_verdicts_page_and_figure_and_the_cutoffs_downward_cu
     rebuilt = _run("--out", str(out), "--doc", str(again), "--doc-only", cwd=tmp_path)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert again.read_text().replace("again.png", "ngd.png") == page
+
+
+def _script_module():
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its helper modules from scripts/
+    spec = importlib.util.spec_from_file_location("reproduce_ngd_sgd", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_a_confirmed_setting_a_large_model_falls_back_to_the_grids_strongest_localization(
+        tmp_path, make_ckpts):
+    """The fallback's localization holds the cut-off's chains only if it is the strongest the grid tried (weaker
+    ones were just found not to): ordered by value at this n, so 'c*nbeta' entries compare correctly."""
+    from analyze.estimators.llc import DEFAULTS
+    from trainer.checkpoints import read_checkpoint
+
+    script = _script_module()
+    out = make_ckpts(tmp_path / "ckpts", experiment_type="standard", optimizer="sgd", num_epochs=1,
+                     hidden_nodes=[1600])  # 64-1600-10: 120,010 parameters, above LARGE_MODEL
+    ckpt = next(out.glob("*/epoch-0001.safetensors"))
+    assert sum(t.numel() for t in read_checkpoint(ckpt).tensors.values()) >= script.LARGE_MODEL
+    no_calibration = tmp_path / "analysis"
+    no_calibration.mkdir()
+    # digits' training split: nbeta = n / log n is between 100 and 300, so 30*nbeta > 3000 > 2*nbeta
+    lr, loc, burnin, why = script.calibrated_setting(no_calibration, "run", 1, ckpt, "2*nbeta,3000,30*nbeta")
+    assert (lr, loc, burnin) == (script.SCALE_FALLBACK[0], "30*nbeta", script.SCALE_FALLBACK[1])
+    assert "gamma 30*nbeta" in why and "no calibrated setting qualified" in why
+    assert script.calibrated_setting(no_calibration, "run", 1, ckpt, "2*nbeta,3000")[1] == "3000"
+
+    small = make_ckpts(tmp_path / "small", experiment_type="standard", optimizer="sgd", num_epochs=1)
+    small_ckpt = next(small.glob("*/epoch-0001.safetensors"))
+    assert script.calibrated_setting(no_calibration, "run", 1, small_ckpt, "3000")[:3] == (
+        DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"])

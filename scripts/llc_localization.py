@@ -6,9 +6,15 @@ and n = 59,940. Every estimate is at the trained student, with the `llc` estimat
 burn-in (4 chains x 1,000 draws, step 0.03/nbeta); the teachers and students are those of
 `scripts/validate_llc.py` (trained here when --out does not hold them yet).
 
+Second table: can a strong localization, which holds the chains of a large net, be corrected back to a weak one?
+On a regular model each direction of curvature h keeps the fraction h / (h + gamma / nbeta) of its share of the
+LLC, so where every h is alike the estimate is lambda / (1 + g / k), g = gamma / nbeta; two strong localizations
+then give lambda (`one_scale_fit`). Measured at g = 0.1, 0.3 and 1 on the regular model and three deep linear nets,
+against the default localization and the truth.
+
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 5 minutes here with two jobs.
+About 6 minutes here with two jobs.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import validate_llc as suite  # noqa: E402
 CASES = ["linreg-20to5", "dln-8x3-r3", "dln-8x3-r3-n60k"]
 LOCALIZATIONS = ["1", "3", "10", "100"]
 BURNINS = [1_000, "auto", 10_000]  # "auto": the default, 1,000 x sqrt(nbeta / 145)
+EXTRAPOLATION_CASES = ["linreg-20to5", "dln-10x4x2-r2", "dln-8x3-r3", "dln-20x10-r5"]
+STRONG = [0.1, 0.3, 1.0]  # gamma / nbeta
+FITS = [(0.1, 0.3), (0.3, 1.0)]
 
 
 def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
@@ -44,7 +53,46 @@ def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
     return rows
 
 
-def page(table: pd.DataFrame, seconds: float) -> str:
+def one_scale_fit(g1: float, llc1: float, g2: float, llc2: float) -> float:
+    """lambda of llc(g) = lambda / (1 + g / k) through (g1, llc1) and (g2, llc2), g = gamma / nbeta: exact for a
+    regular model whose Hessian eigenvalues are all k (each keeps h / (h + g) of its d / 2 share)."""
+    k = (g2 * llc2 - g1 * llc1) / (llc1 - llc2)
+    return llc1 * (1 + g1 / k)
+
+
+def extrapolation_rows(case: suite.Case, out: Path) -> list[dict]:
+    """The trained student of `case` at the default localization and at STRONG ones (same chain seeds)."""
+    ctx = suite.context_for(suite.checkpoints(case, out)["trained"])
+    rows = []
+    for loc in ["default", *STRONG]:
+        r = suite.estimate(ctx, {} if loc == "default" else {"localization": f"{loc}*nbeta"})
+        rows.append({"case": case.name, "n": r["n"], "truth": r["llc_truth"], "g": r["localization_per_nbeta"],
+                     "default": loc == "default", "llc": r["llc_mean"], "sem": r["llc_sem"],
+                     "healthy": r["healthy"]})
+    return rows
+
+
+def extrapolation_page(table: pd.DataFrame) -> str:
+    """The second table: each case's estimates at STRONG localizations and the one-scale fits from pairs of them."""
+    def est(llc: float, sem: float, truth: float) -> str:
+        return f"{llc:.3g} +- {sem:.2g} ({llc / truth - 1:+.0%})"
+
+    lines = ["| case | n | truth | default gamma (gamma / nbeta) | "
+             + " | ".join(f"gamma / nbeta {g:g}" for g in STRONG) + " | "
+             + " | ".join(f"fit from {a:g}, {b:g}" for a, b in FITS) + " |",
+             "|" + "---|" * (4 + len(STRONG) + len(FITS))]
+    for case, rows in table.groupby("case", sort=False):
+        truth, base = rows.truth.iloc[0], rows[rows.default].iloc[0]
+        strong = {round(r.g, 6): r for r in rows[~rows.default].itertuples()}
+        cells = [est(strong[x].llc, strong[x].sem, truth) + ("" if strong[x].healthy else " ✗") for x in STRONG]
+        fits = [one_scale_fit(a, strong[a].llc, b, strong[b].llc) for a, b in FITS]
+        lines.append(f"| {case} | {rows.n.iloc[0]:,} | {truth:.4g} | {est(base['llc'], base['sem'], truth)} "
+                     f"({base['g']:.2g}) | "
+                     + " | ".join(cells) + " | " + " | ".join(f"{f:.3g} ({f / truth - 1:+.0%})" for f in fits) + " |")
+    return "\n".join(lines)
+
+
+def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None) -> str:
     def cell(g: pd.DataFrame, burnin) -> str:
         r = g[g.burnin == str(burnin)].iloc[0]
         steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
@@ -63,7 +111,10 @@ def page(table: pd.DataFrame, seconds: float) -> str:
             "Each cell: LLC +- s.e. (error against the truth); ✗ marks an estimate the estimator itself flags "
             "(`healthy` false). Every setting of a case runs the same chain seeds (common random numbers), so the "
             "differences down a column are the localization's, not the chains' noise.\n\n" + "\n".join(lines)
-            + "\n")
+            + "\n" + ("" if extrapolation is None else
+                      "\n## A strong localization corrected back\n\n" + " ".join(__doc__.split("\n\n")[1].split())
+                      + " The trained students; LLC +- s.e. (error against the truth); the fits' inputs share chain "
+                      "seeds.\n\n" + extrapolation_page(extrapolation) + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             for row in result]
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    strong = [c for c in suite.CASES if c.name in EXTRAPOLATION_CASES]
+    extrapolation = pd.DataFrame([row for result in suite.run_in_processes(
+        extrapolation_rows, [(c, Path(args.out)) for c in strong], args.jobs) for row in result])
+    print(extrapolation_page(extrapolation))
     if doc:
-        doc.write_text(page(table, time.perf_counter() - start))
+        doc.write_text(page(table, time.perf_counter() - start, extrapolation))
         print(f"wrote {args.doc}")
     return 0
 

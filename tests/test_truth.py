@@ -4,6 +4,7 @@ the run records (checked against the closed forms)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -139,3 +140,33 @@ def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_net
     assert at[100.0] < 0.75 * at[3.0]
     page = sweep.page(rows.assign(case=case.name), 60.0)
     assert page.count(f"| {case.name} | 990 |") == 2 and "burn-in 600" in page
+
+
+def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_page_shows_each_fit(monkeypatch):
+    """scripts/llc_localization.py's correction of a strong localization: on llc(g) = lambda / (1 + g / k) (a regular
+    model whose Hessian eigenvalues are all k) two strong localizations give lambda exactly; the page's fit columns
+    are those fits, with their error against the truth."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("llc_localization", scripts / "llc_localization.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def llc(g: float, lam: float = 52.5, k: float = 0.8) -> float:
+        return lam / (1 + g / k)
+
+    assert sweep.one_scale_fit(0.3, llc(0.3), 1.0, llc(1.0)) == pytest.approx(52.5, rel=1e-12)
+    assert sweep.one_scale_fit(0.1, llc(0.1, 7.0, 3.0), 0.3, llc(0.3, 7.0, 3.0)) == pytest.approx(7.0, rel=1e-12)
+    # two curvatures, 1 and 0.01, half the directions each: the fit from strong localizations misses the flat half
+    mixed = {g: 25.0 / (1 + g) + 25.0 / (1 + g / 0.01) for g in (0.1, 0.3, 1.0)}
+    assert sweep.one_scale_fit(0.3, mixed[0.3], 1.0, mixed[1.0]) < 0.6 * 50.0
+    rows = [{"case": "linreg", "n": 990, "truth": 50.0, "g": 0.01, "default": True, "llc": 49.0, "sem": 1.0,
+             "healthy": True}]
+    rows += [{"case": "linreg", "n": 990, "truth": 50.0, "g": g, "default": False, "llc": llc(g, 50.0, 1.0),
+              "sem": 0.5, "healthy": True} for g in sweep.STRONG]
+    table = sweep.extrapolation_page(pd.DataFrame(rows))
+    assert table.count("| linreg | 990 | 50 | 49 +- 1 (-2%) (0.01) |") == 1
+    assert len(re.findall(r"\| 50 \([+-]0%\)", table)) == len(sweep.FITS)  # -0%: rounding of the fit

@@ -53,6 +53,11 @@ def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
     return rows
 
 
+def estimate_text(llc: float, sem: float, error: float) -> str:
+    """A table cell's estimate: LLC +- s.e. (error against the truth)."""
+    return f"{llc:.3g} +- {sem:.2g} ({error:+.0%})"
+
+
 def one_scale_fit(g1: float, llc1: float, g2: float, llc2: float) -> float:
     """lambda of llc(g) = lambda / (1 + g / k) through (g1, llc1) and (g2, llc2), g = gamma / nbeta: exact for a
     regular model whose Hessian eigenvalues are all k (each keeps h / (h + g) of its d / 2 share)."""
@@ -74,9 +79,6 @@ def extrapolation_rows(case: suite.Case, out: Path) -> list[dict]:
 
 def extrapolation_page(table: pd.DataFrame) -> str:
     """The second table: each case's estimates at STRONG localizations and the one-scale fits from pairs of them."""
-    def est(llc: float, sem: float, truth: float) -> str:
-        return f"{llc:.3g} +- {sem:.2g} ({llc / truth - 1:+.0%})"
-
     lines = ["| case | n | truth | default gamma (gamma / nbeta) | "
              + " | ".join(f"gamma / nbeta {g:g}" for g in STRONG) + " | "
              + " | ".join(f"fit from {a:g}, {b:g}" for a, b in FITS) + " |",
@@ -84,10 +86,11 @@ def extrapolation_page(table: pd.DataFrame) -> str:
     for case, rows in table.groupby("case", sort=False):
         truth, base = rows.truth.iloc[0], rows[rows.default].iloc[0]
         strong = {round(r.g, 6): r for r in rows[~rows.default].itertuples()}
-        cells = [est(strong[x].llc, strong[x].sem, truth) + ("" if strong[x].healthy else " ✗") for x in STRONG]
+        cells = [estimate_text(strong[x].llc, strong[x].sem, strong[x].llc / truth - 1)
+                 + ("" if strong[x].healthy else " ✗") for x in STRONG]
         fits = [one_scale_fit(a, strong[a].llc, b, strong[b].llc) for a, b in FITS]
-        lines.append(f"| {case} | {rows.n.iloc[0]:,} | {truth:.4g} | {est(base['llc'], base['sem'], truth)} "
-                     f"({base['g']:.2g}) | "
+        default = estimate_text(base["llc"], base["sem"], base["llc"] / truth - 1)
+        lines.append(f"| {case} | {rows.n.iloc[0]:,} | {truth:.4g} | {default} ({base['g']:.2g}) | "
                      + " | ".join(cells) + " | " + " | ".join(f"{f:.3g} ({f / truth - 1:+.0%})" for f in fits) + " |")
     return "\n".join(lines)
 
@@ -96,7 +99,7 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
     def cell(g: pd.DataFrame, burnin) -> str:
         r = g[g.burnin == str(burnin)].iloc[0]
         steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
-        return f"{r['llc']:.3g} +- {r['sem']:.2g} ({r['error']:+.0%}){steps}{'' if r['healthy'] else ' ✗'}"
+        return f"{estimate_text(r['llc'], r['sem'], r['error'])}{steps}{'' if r['healthy'] else ' ✗'}"
 
     lines = ["| case | n | truth | gamma | gamma / nbeta | "
              + " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in BURNINS) + " |",

@@ -118,10 +118,8 @@ def test_validation_suite_quick_subset_lands_within_25_percent_of_the_truth(tmp_
         assert r["truth"] == (5.0 if r["case"] == "linreg-4to2" else deep_linear([8, 8, 8, 8, 8], 3))
 
 
-def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_nets_estimate_down(tmp_path,
-                                                                                                 monkeypatch):
-    """scripts/llc_localization.py on the rank-3 8-8-8-8-8 deep linear net (n = 990) with short chains: gamma 100
-    sits far below gamma 3 (-47% against +12% on the committed page), and the page shows every setting."""
+def _localization_script(monkeypatch):
+    """scripts/llc_localization.py as a module (it imports validate_llc from its own folder)."""
     import importlib.util
     from pathlib import Path
 
@@ -130,6 +128,14 @@ def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_net
     spec = importlib.util.spec_from_file_location("llc_localization", scripts / "llc_localization.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_nets_estimate_down(tmp_path,
+                                                                                                 monkeypatch):
+    """scripts/llc_localization.py on the rank-3 8-8-8-8-8 deep linear net (n = 990) with short chains: gamma 100
+    sits far below gamma 3 (-47% against +12% on the committed page), and the page shows every setting."""
+    sweep = _localization_script(monkeypatch)
     suite = sys.modules["validate_llc"]  # imported by the sweep, from the scripts folder
     monkeypatch.setattr(sweep, "LOCALIZATIONS", ["3", "100"])
     monkeypatch.setattr(sweep, "BURNINS", [300, 600])
@@ -146,14 +152,7 @@ def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_pa
     """scripts/llc_localization.py's correction of a strong localization: on llc(g) = lambda / (1 + g / k) (a regular
     model whose Hessian eigenvalues are all k) two strong localizations give lambda exactly; the page's fit columns
     are those fits, with their error against the truth."""
-    import importlib.util
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
-    spec = importlib.util.spec_from_file_location("llc_localization", scripts / "llc_localization.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _localization_script(monkeypatch)
 
     def llc(g: float, lam: float = 52.5, k: float = 0.8) -> float:
         return lam / (1 + g / k)

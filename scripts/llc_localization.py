@@ -121,9 +121,10 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="llc-truth", help="folder of the truth suite's trained cases (reused)")
-    ap.add_argument("--doc", help="write the table to this markdown file (e.g. docs/llc-localization.md)")
+    ap.add_argument("--doc", help="write both tables to this markdown file (e.g. docs/llc-localization.md)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once (default: the cores)")
     args = ap.parse_args(argv)
     doc = suite.doc_path(args.doc, "llc_localization.py")

@@ -12,9 +12,14 @@ LLC, so where every h is alike the estimate is lambda / (1 + g / k), g = gamma /
 then give lambda (`one_scale_fit`). Measured at g = 0.1, 0.3 and 1 on the regular model and three deep linear nets,
 against the default localization and the truth.
 
+Third table: do the chains settle? The multiplicity-4 net at n = 59,940 at its true parameter and trained student,
+at gamma 1 and 10, after the default burn-in and after 20,000 and 60,000 steps (about one and three relaxation
+times 1 / (eps gamma) of a direction only the localizer holds, at gamma 10), with linear regression 20 -> 5 at
+gamma 10 as the regular control.
+
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 6 minutes here with two jobs.
+About 13 minutes here with two jobs (the third table takes half).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ BURNINS = [1_000, "auto", 10_000]  # "auto": the default, 1,000 x sqrt(nbeta / 1
 EXTRAPOLATION_CASES = ["linreg-20to5", "dln-10x4x2-r2", "dln-8x3-r3", "dln-20x10-r5"]
 STRONG = [0.1, 0.3, 1.0]  # gamma / nbeta
 FITS = [(0.1, 0.3), (0.3, 1.0)]
+# (case, localization, points) of the third table; 20,000 and 60,000 steps are about 1 and 3 relaxation times
+# 1 / (eps gamma) at gamma 10, n = 59,940 (eps = 0.03 / nbeta)
+LONG_RUNS = [("dln-8x3-r3-n60k", "1", ("trained", "truth")), ("dln-8x3-r3-n60k", "10", ("trained", "truth")),
+             ("linreg-20to5", "10", ("trained",))]
+LONG_BURNINS = ["auto", 20_000, 60_000]
 
 
 def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
@@ -77,6 +87,41 @@ def extrapolation_rows(case: suite.Case, out: Path) -> list[dict]:
     return rows
 
 
+def long_chain_rows(case: suite.Case, paths: dict[str, Path], loc: str, points: tuple[str, ...]) -> list[dict]:
+    """`points` of `case` (the trained student first; `paths` from suite.checkpoints, resolved by the caller: two
+    processes may not open one run folder at once) at localization `loc` after each of LONG_BURNINS (same chain
+    seeds), with the true parameter's expected offset `gap` (as in validate_llc.py)."""
+    rows = []
+    for point in points:
+        ctx = suite.context_for(paths[point])
+        for burnin in LONG_BURNINS:
+            r = suite.estimate(ctx, {"localization": loc, "burnin": burnin})
+            rows.append({"case": case.name, "point": point, "n": r["n"], "truth": r["llc_truth"],
+                         "localization": float(loc), "burnin": str(burnin), "n_burnin": r["n_burnin"],
+                         "llc": r["llc_mean"], "sem": r["llc_sem"], "drift": r["drift"], "healthy": r["healthy"],
+                         "nbeta": r["nbeta"], "init_loss": r["init_loss"]})
+    baseline = next(r["init_loss"] for r in rows if r["point"] == "trained")
+    return [{**r, "gap": r["nbeta"] * (r["init_loss"] - baseline)} for r in rows]
+
+
+def long_chain_page(table: pd.DataFrame) -> str:
+    """The third table: one row per (case, point, gamma), the estimate after each of LONG_BURNINS."""
+    lines = ["| case | point | n | truth | truth - gap | gamma | "
+             + " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in LONG_BURNINS) + " |",
+             "|" + "---|" * (6 + len(LONG_BURNINS))]
+    for (case, point, loc), g in table.groupby(["case", "point", "localization"], sort=False):
+        r0 = g.iloc[0]
+        cells = []
+        for burnin in LONG_BURNINS:
+            r = g[g.burnin == str(burnin)].iloc[0]
+            steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
+            cells.append(f"{estimate_text(r['llc'], r['sem'], r['llc'] / r['truth'] - 1)}, drift {r['drift']:.1f}"
+                         f"{steps}{'' if r['healthy'] else ' ✗'}")
+        lines.append(f"| {case} | {point} | {r0['n']:,} | {r0['truth']:.4g} | {r0['truth'] - r0['gap']:.3g} | "
+                     f"{loc:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def extrapolation_page(table: pd.DataFrame) -> str:
     """The second table: each case's estimates at STRONG localizations and the one-scale fits from pairs of them."""
     lines = ["| case | n | truth | default gamma (gamma / nbeta) | "
@@ -95,7 +140,8 @@ def extrapolation_page(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None) -> str:
+def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None,
+         long_chains: pd.DataFrame | None = None) -> str:
     def cell(g: pd.DataFrame, burnin) -> str:
         r = g[g.burnin == str(burnin)].iloc[0]
         steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
@@ -117,14 +163,19 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
             + "\n" + ("" if extrapolation is None else
                       "\n## A strong localization corrected back\n\n" + " ".join(__doc__.split("\n\n")[1].split())
                       + " The trained students; LLC +- s.e. (error against the truth); the fits' inputs share chain "
-                      "seeds.\n\n" + extrapolation_page(extrapolation) + "\n"))
+                      "seeds.\n\n" + extrapolation_page(extrapolation) + "\n")
+            + ("" if long_chains is None else
+               "\n## Long chains\n\n" + " ".join(__doc__.split("\n\n")[2].split())
+               + " LLC +- s.e. (error against the truth) and `drift`; `truth - gap` is where the estimate at the true "
+               "parameter is expected (validate_llc.py); each row's runs share chain seeds.\n\n"
+               + long_chain_page(long_chains) + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="llc-truth", help="folder of the truth suite's trained cases (reused)")
-    ap.add_argument("--doc", help="write both tables to this markdown file (e.g. docs/llc-localization.md)")
+    ap.add_argument("--doc", help="write the three tables to this markdown file (e.g. docs/llc-localization.md)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once (default: the cores)")
     args = ap.parse_args(argv)
     doc = suite.doc_path(args.doc, "llc_localization.py")
@@ -138,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     extrapolation = pd.DataFrame([row for result in suite.run_in_processes(
         extrapolation_rows, [(c, Path(args.out)) for c in strong], args.jobs) for row in result])
     print(extrapolation_page(extrapolation))
+    by_name = {c.name: c for c in suite.CASES}
+    paths = {name: suite.checkpoints(by_name[name], Path(args.out)) for name in dict.fromkeys(r[0] for r in LONG_RUNS)}
+    long_chains = pd.DataFrame([row for result in suite.run_in_processes(
+        long_chain_rows, [(by_name[name], paths[name], loc, points) for name, loc, points in LONG_RUNS], args.jobs)
+        for row in result])
+    print(long_chain_page(long_chains))
     if doc:
-        doc.write_text(page(table, time.perf_counter() - start, extrapolation))
+        doc.write_text(page(table, time.perf_counter() - start, extrapolation, long_chains))
         print(f"wrote {args.doc}")
     return 0
 

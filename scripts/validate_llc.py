@@ -249,9 +249,13 @@ def summary(table: pd.DataFrame) -> list[str]:
     if len(truth):
         # the estimate at w_0 is expected to sit below the truth by `gap` (module docstring): with it added back,
         # what remains is the sampler's error
-        adjusted = ((truth.llc + truth.gap) / truth.truth - 1).abs()
-        lines.append(f"- at the true parameter, estimate + gap: {(adjusted <= 0.15).sum()} of {len(truth)} within 15% "
-                     f"of the truth at the defaults, largest {adjusted.max():.0%}")
+        at = [("the defaults", "llc")] + ([("calibrate's recommendation", "cal_llc")] if "cal_llc" in truth else [])
+        counts = []
+        for label, column in at:
+            adjusted = ((truth[column] + truth.gap) / truth.truth - 1).abs()
+            counts.append(f"{(adjusted <= 0.15).sum()} of {len(truth)} within 15% of the truth at {label} "
+                          f"(largest {adjusted.max():.0%})")
+        lines.append("- at the true parameter, estimate + gap: " + "; ".join(counts))
     return lines
 
 

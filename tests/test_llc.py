@@ -417,6 +417,32 @@ def test_a_pick_that_fails_at_the_studys_length_is_not_recommended():
     assert not table.recommended.any() and recommended_setting(table) is None
 
 
+def test_a_confirmation_that_disagrees_with_its_grid_point_runs_again_at_the_grid_points_burn_in():
+    """The grid point is the plateau's evidence. A confirmation run with fewer burn-in steps that does not agree with
+    it (here: a grid row that claims 50 +- 0.1 after 900 burn-in steps, on a model whose LLC is 5) runs once more at
+    the grid point's burn-in, and that run is the recommendation; one that agrees runs once."""
+    from analyze.llc.calibrate import confirm, shorter_and_disagreeing
+
+    ctx = linear_regression_context(10)
+    common = dict(chains=4, draws=300, burnin=100, batch_size="0")
+    grid = pd.DataFrame([{"nbeta_option": "n/log n", "localization_option": "1", "lr_option": "0.1/nbeta",
+                          "localization": 1.0, "lr": 0.1, "healthy": True, "agrees_with_larger_step": True,
+                          "llc_mean": 50.0, "llc_sem": 0.1, "n_burnin": 900, "stage": "grid"}])
+    study = dict(chains=4, draws=300, burnin=100)
+    table = confirm(ctx, grid, ["n/log n"], ["1"], common, study, math.nan, progress=False)
+    confirmation = table[table.stage == "confirmation"]
+    assert list(confirmation.n_burnin) == [100, 900] and confirmation.healthy.all()
+    assert list(confirmation.recommended) == [False, True]
+    assert abs(confirmation.llc_mean.iloc[-1] - 5) < 0.15 * 5
+    assert shorter_and_disagreeing(confirmation.iloc[0], grid.iloc[0])
+    # a grid point the confirmation agrees with: one run, at the study's burn-in
+    agreeing = grid.assign(llc_mean=confirmation.llc_mean.iloc[0], llc_sem=confirmation.llc_sem.iloc[0])
+    table = confirm(ctx, agreeing, ["n/log n"], ["1"], common, study, math.nan, progress=False)
+    assert list(table[table.stage == "confirmation"].n_burnin) == [100]
+    # a confirmation with at least the grid point's burn-in is never run again, whatever it gives
+    assert not shorter_and_disagreeing({**confirmation.iloc[0].to_dict(), "n_burnin": 900}, grid.iloc[0])
+
+
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
     """Without localization the MLP's chains roam (R-hat far above 1.1) even with 3x the burn-in: the smaller steps
     at that localization are not run (they would cost the most), while at a localization where the chains are

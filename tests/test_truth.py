@@ -146,6 +146,15 @@ def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_net
     assert at[100.0] < 0.75 * at[3.0]
     page = sweep.page(rows.assign(case=case.name), 60.0)
     assert page.count(f"| {case.name} | 990 |") == 2 and "burn-in 600" in page
+    # the third table on the same trained case, with short chains: both points, the true parameter's expected
+    # offset measured against the trained student's loss (w_0 is not the empirical minimum: a positive gap)
+    monkeypatch.setattr(sweep, "LONG_BURNINS", [300, 600])
+    long = pd.DataFrame(sweep.long_chain_rows(case, suite.checkpoints(case, tmp_path), "10", ("trained", "truth")))
+    assert list(long.point) == ["trained"] * 2 + ["truth"] * 2 and list(long.n_burnin) == [300, 600] * 2
+    assert (long[long.point == "trained"].gap == 0).all() and (long[long.point == "truth"].gap > 0).all()
+    table = sweep.long_chain_page(long)
+    assert table.count(f"| {case.name} | truth | 990 | 27.5 | {27.5 - long.gap.iloc[-1]:.3g} | 10 |") == 1
+    assert table.count("drift") == 4 and "burn-in 600" in table
 
 
 def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_page_shows_each_fit(monkeypatch):

@@ -22,15 +22,16 @@ can still be 10% high). A larger pair that agrees while a smaller step falls awa
 smallest step at the weakest healthy localization does not agree with its larger neighbour, up to EXTRA_STEPS
 steps a factor 3 smaller are tried there first, and only then is a stronger localization accepted. Last, the
 pick is confirmed at the length the study will run (its chains and draws; `confirm`): the grid's short chains
-cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and is
-recommended with the burn-in that settled it, or set aside for the next localization's pick; where its standard
-error is above `precision` of the LLC, it runs once more with the chains that bring it there (`more_chains`), and
-those are recommended too. Every row also carries the Hessian's smallest eigenvalue at the checkpoint and the
-localization margin gamma + nbeta lambda_min: where it is negative the localizer does not hold the chains against
-the loss's downward curvature on those samples (reported, not a health test: a subsample's Hessian dips below zero
-even at a minimum of the full loss). The table keeps
-every grid point and confirmation run (`stage`), so the plateau (LLC against step for each localization, with
-error bars) can be read off and plotted.
+cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and at its grid
+point's burn-in where it had fewer burn-in steps than the grid point and does not agree with it (the drift test
+can miss a slow rise), and is recommended with the burn-in that settled it, or set aside for the next
+localization's pick; where its standard error is above `precision` of the LLC, it runs once more with the chains
+that bring it there (`more_chains`), and those are recommended too. Every row also carries the Hessian's smallest
+eigenvalue at the checkpoint and the localization margin gamma + nbeta lambda_min: where it is negative the
+localizer does not hold the chains against the loss's downward curvature on those samples (reported, not a health
+test: a subsample's Hessian dips below zero even at a minimum of the full loss). The table keeps every grid point
+and confirmation run (`stage`), so the plateau (LLC against step for each localization, with error bars) can be
+read off and plotted.
 """
 
 from __future__ import annotations
@@ -133,10 +134,14 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     (269,322 parameters) it recommended 0.0033/nbeta at gamma 100, whose chains at the study's 300 burn-in steps
     were still settling at 61 of 66 checkpoints (median |drift| 7.9). Here the recommended setting runs with the
     study's chains and draws; while it is still settling, with SETTLE_BURNIN x the burn-in, up to CONFIRM_RUNS
-    runs. The burn-in that settles it becomes part of the recommendation. The burn-in is found by the chains'
-    own drift rather than set by a formula: 1/(eps gamma), the relaxation time of a flat direction, bounds the
-    settling time, but is up to 18x too long wherever the loss is curved enough to hold the chains (every case
-    of the truth suite settles within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000).
+    runs; where it then had fewer burn-in steps than its grid point and does not agree with it, once more at the
+    grid point's burn-in. The burn-in that settles it becomes part of the recommendation. The burn-in is found by
+    the chains' own drift rather than set by a formula: 1/(eps gamma), the relaxation time of a flat direction,
+    bounds the settling time, but is far too long wherever the loss holds the chains (a regular model settles
+    within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000). Where flat directions dominate
+    it is the relevant scale, and the drift test cannot see a rise that slow: on the multiplicity-4 deep linear net
+    at n = 59,940 the estimate still rises after 60,000 steps (docs/llc.md), so a confirmed burn-in is a chain
+    length, not stationarity.
     A localization whose recommendation does not settle is set aside and the next recommendation (a stronger
     localization) is confirmed instead. A confirmed setting whose standard error is above `precision` of its
     LLC runs again at the settled burn-in (longer while still settling) with the chains `more_chains` asks for,
@@ -158,6 +163,19 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
         attempts = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
                                  {**common, **study}, CONFIRM_RUNS, common.get("seed", 0) * 1009 + 104729 + len(runs),
                                  lambda_max)
+        if shorter_and_disagreeing(attempts[-1], chosen):
+            # The drift test can miss a slow rise: on the multiplicity-4 deep linear net at n = 990 the pick
+            # 0.01/nbeta, gamma 1 gave 25.2 +- 0.4 after the grid's 3,000 burn-in steps and 20.6 +- 0.4 (drift -0.5)
+            # after the study's 1,000. The grid point is the plateau's evidence: confirm at its burn-in.
+            if progress:
+                short = attempts[-1]
+                print(f"calibration: after {short['n_burnin']} burn-in steps the LLC ({short['llc_mean']:.3g} +- "
+                      f"{short['llc_sem']:.2g}) does not agree with the grid's ({chosen.llc_mean:.3g} +- "
+                      f"{chosen.llc_sem:.2g}) after {chosen.n_burnin}; confirming at {chosen.n_burnin}",
+                      file=sys.stderr)
+            attempts += settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
+                                      {**common, **study, "burnin": int(chosen.n_burnin)}, CONFIRM_RUNS,
+                                      common.get("seed", 0) * 1009 + 3 * 104729 + len(runs), lambda_max)
         runs += confirmation_rows(attempts)
         if attempts[-1]["healthy"]:
             grid.loc[best, "recommended"] = True
@@ -180,9 +198,16 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
 
 
 def confirmation_rows(attempts: list[dict]) -> list[dict]:
-    """Calibration rows of confirmation runs: recommended where healthy (the caller keeps one), no plateau test."""
-    return [{**row, "stage": "confirmation", "recommended": row["healthy"], "llc_at_larger_step": math.nan,
-             "agrees_with_larger_step": False} for row in attempts]
+    """Calibration rows of confirmation runs, the last one recommended if healthy (the caller may replace it with a
+    run of more chains); no plateau test."""
+    return [{**row, "stage": "confirmation", "recommended": row["healthy"] and i == len(attempts) - 1,
+             "llc_at_larger_step": math.nan, "agrees_with_larger_step": False} for i, row in enumerate(attempts)]
+
+
+def shorter_and_disagreeing(confirmed: dict, grid_row) -> bool:
+    """A healthy confirmation run that had fewer burn-in steps than its grid point and does not agree with it."""
+    return (bool(confirmed["healthy"]) and confirmed["n_burnin"] < grid_row["n_burnin"]
+            and not agree(confirmed, grid_row))
 
 
 def more_chains(row: dict, precision: float) -> int:

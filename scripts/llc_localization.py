@@ -13,13 +13,13 @@ then give lambda (`one_scale_fit`). Measured at g = 0.1, 0.3 and 1 on the regula
 against the default localization and the truth.
 
 Third table: do the chains settle? The multiplicity-4 net at n = 59,940 at its true parameter and trained student,
-at gamma 1 and 10, after the default burn-in and after 20,000 and 60,000 steps (about one and three relaxation
-times 1 / (eps gamma) of a direction only the localizer holds, at gamma 10), with linear regression 20 -> 5 at
-gamma 10 as the regular control.
+at gamma 1, 10 and 30, after the default burn-in and after 20,000 and 60,000 steps (a direction only the
+localizer holds relaxes in 1 / (eps gamma) steps: 182,000, 18,200 and 6,100 there), with linear regression
+20 -> 5 at gamma 10 as the regular control.
 
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 13 minutes here with two jobs (the third table takes half).
+About 16 minutes here with two jobs (the third table takes 10).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ EXTRAPOLATION_CASES = ["linreg-20to5", "dln-10x4x2-r2", "dln-8x3-r3", "dln-20x10
 STRONG = [0.1, 0.3, 1.0]  # gamma / nbeta
 FITS = [(0.1, 0.3), (0.3, 1.0)]
 # (case, localization, points) of the third table; 20,000 and 60,000 steps are about 1 and 3 relaxation times
-# 1 / (eps gamma) at gamma 10, n = 59,940 (eps = 0.03 / nbeta)
-LONG_RUNS = [("dln-8x3-r3-n60k", "1", ("trained", "truth")), ("dln-8x3-r3-n60k", "10", ("trained", "truth")),
-             ("linreg-20to5", "10", ("trained",))]
+# 1 / (eps gamma) at gamma 10, n = 59,940 (eps = 0.03 / nbeta), and 3 and 10 at gamma 30
+LONG_RUNS = [("dln-8x3-r3-n60k", loc, ("trained", "truth")) for loc in ("1", "10", "30")]
+LONG_RUNS += [("linreg-20to5", "10", ("trained",))]
 LONG_BURNINS = ["auto", 20_000, 60_000]
 
 

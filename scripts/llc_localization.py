@@ -68,6 +68,18 @@ def estimate_text(llc: float, sem: float, error: float) -> str:
     return f"{llc:.3g} +- {sem:.2g} ({error:+.0%})"
 
 
+def burnin_headers(burnins: list) -> str:
+    """The burn-in columns' headers, the `auto` one saying its cells give the steps it took."""
+    return " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in burnins)
+
+
+def burnin_cell(r, burnin, with_drift: bool = False) -> str:
+    """An estimate after `burnin`: LLC +- s.e. (error)[, drift], the steps `auto` took, ✗ where it is flagged."""
+    steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
+    drift = f", drift {r['drift']:.1f}" if with_drift else ""
+    return f"{estimate_text(r['llc'], r['sem'], r['error'])}{drift}{steps}{'' if r['healthy'] else ' ✗'}"
+
+
 def one_scale_fit(g1: float, llc1: float, g2: float, llc2: float) -> float:
     """lambda of llc(g) = lambda / (1 + g / k) through (g1, llc1) and (g2, llc2), g = gamma / nbeta: exact for a
     regular model whose Hessian eigenvalues are all k (each keeps h / (h + g) of its d / 2 share)."""
@@ -98,25 +110,19 @@ def long_chain_rows(case: suite.Case, paths: dict[str, Path], loc: str, points: 
             r = suite.estimate(ctx, {"localization": loc, "burnin": burnin})
             rows.append({"case": case.name, "point": point, "n": r["n"], "truth": r["llc_truth"],
                          "localization": float(loc), "burnin": str(burnin), "n_burnin": r["n_burnin"],
-                         "llc": r["llc_mean"], "sem": r["llc_sem"], "drift": r["drift"], "healthy": r["healthy"],
-                         "nbeta": r["nbeta"], "init_loss": r["init_loss"]})
+                         "llc": r["llc_mean"], "sem": r["llc_sem"], "error": r["llc_mean"] / r["llc_truth"] - 1,
+                         "drift": r["drift"], "healthy": r["healthy"], "nbeta": r["nbeta"], "init_loss": r["init_loss"]})
     baseline = next(r["init_loss"] for r in rows if r["point"] == "trained")
     return [{**r, "gap": r["nbeta"] * (r["init_loss"] - baseline)} for r in rows]
 
 
 def long_chain_page(table: pd.DataFrame) -> str:
     """The third table: one row per (case, point, gamma), the estimate after each of LONG_BURNINS."""
-    lines = ["| case | point | n | truth | truth - gap | gamma | "
-             + " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in LONG_BURNINS) + " |",
+    lines = ["| case | point | n | truth | truth - gap | gamma | " + burnin_headers(LONG_BURNINS) + " |",
              "|" + "---|" * (6 + len(LONG_BURNINS))]
     for (case, point, loc), g in table.groupby(["case", "point", "localization"], sort=False):
         r0 = g.iloc[0]
-        cells = []
-        for burnin in LONG_BURNINS:
-            r = g[g.burnin == str(burnin)].iloc[0]
-            steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
-            cells.append(f"{estimate_text(r['llc'], r['sem'], r['llc'] / r['truth'] - 1)}, drift {r['drift']:.1f}"
-                         f"{steps}{'' if r['healthy'] else ' ✗'}")
+        cells = [burnin_cell(g[g.burnin == str(b)].iloc[0], b, with_drift=True) for b in LONG_BURNINS]
         lines.append(f"| {case} | {point} | {r0['n']:,} | {r0['truth']:.4g} | {r0['truth'] - r0['gap']:.3g} | "
                      f"{loc:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -142,18 +148,12 @@ def extrapolation_page(table: pd.DataFrame) -> str:
 
 def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None,
          long_chains: pd.DataFrame | None = None) -> str:
-    def cell(g: pd.DataFrame, burnin) -> str:
-        r = g[g.burnin == str(burnin)].iloc[0]
-        steps = f" [{r['n_burnin']:,}]" if burnin == "auto" else ""
-        return f"{estimate_text(r['llc'], r['sem'], r['error'])}{steps}{'' if r['healthy'] else ' ✗'}"
-
-    lines = ["| case | n | truth | gamma | gamma / nbeta | "
-             + " | ".join(f"burn-in {b:,}" if b != "auto" else "burn-in auto [steps]" for b in BURNINS) + " |",
+    lines = ["| case | n | truth | gamma | gamma / nbeta | " + burnin_headers(BURNINS) + " |",
              "|" + "---|" * (5 + len(BURNINS))]
     for (case, loc), g in table.groupby(["case", "localization"], sort=False):
         r = g.iloc[0]
         lines.append(f"| {case} | {r['n']:,} | {r['truth']:.4g} | {loc:g} | {r['loc_per_nbeta']:.2g} | "
-                     + " | ".join(cell(g, b) for b in BURNINS) + " |")
+                     + " | ".join(burnin_cell(g[g.burnin == str(b)].iloc[0], b) for b in BURNINS) + " |")
     return ("# How the LLC estimate moves with the localization and the burn-in\n\n"
             "Written by `scripts/llc_localization.py` (do not edit by hand). " + __doc__.split("\n\n")[0]
             .replace("\n", " ") + f" Whole run: {seconds / 60:.1f} min on this machine.\n\n"

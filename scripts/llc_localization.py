@@ -113,7 +113,7 @@ def long_chain_rows(case: suite.Case, paths: dict[str, Path], loc: str, points: 
                          "llc": r["llc_mean"], "sem": r["llc_sem"], "error": r["llc_mean"] / r["llc_truth"] - 1,
                          "drift": r["drift"], "healthy": r["healthy"], "nbeta": r["nbeta"], "init_loss": r["init_loss"]})
     baseline = next(r["init_loss"] for r in rows if r["point"] == "trained")
-    return [{**r, "gap": r["nbeta"] * (r["init_loss"] - baseline)} for r in rows]
+    return [{**r, "gap": suite.truth_gap(r, baseline)} for r in rows]
 
 
 def long_chain_page(table: pd.DataFrame) -> str:

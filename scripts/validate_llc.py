@@ -157,6 +157,12 @@ def run_in_processes(fn, work: list[tuple], jobs: int):
         yield from pool.map(fn, *zip(*work))
 
 
+def truth_gap(estimate: dict, trained_loss: float) -> float:
+    """nbeta (L_n(w) - L_n(trained)) for an llc row at w: at the true parameter, how far below the trained student's
+    estimate it is expected to sit (w_0 is not the empirical loss's minimum); 0 at the trained student."""
+    return estimate["nbeta"] * (estimate["init_loss"] - trained_loss)
+
+
 def case_rows(case: Case, out: Path, options: dict, with_calibration: bool) -> list[dict]:
     """Train the case (or reuse it) and estimate at its two points: one table row per point."""
     contexts = {point: context_for(path) for point, path in checkpoints(case, out).items()}
@@ -170,7 +176,7 @@ def case_rows(case: Case, out: Path, options: dict, with_calibration: bool) -> l
                "rhat": d["rhat"], "error": d["llc_mean"] / d["llc_truth"] - 1, "seconds": d["wall_seconds"],
                # the true parameter is not the empirical loss's minimum: the estimate there is expected to sit
                # below the one at the trained student by about this much
-               "gap": d["nbeta"] * (d["init_loss"] - trained_loss),
+               "gap": truth_gap(d, trained_loss),
                "lr_nbeta": d["lr_nbeta"], "loc_per_nbeta": d["localization_per_nbeta"]}
         if with_calibration:
             c = calibrated(ctx, options, SCALE_GRID if case.scale else None)

@@ -160,9 +160,14 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
         if progress:
             print(f"calibration: confirming eps {chosen.lr_option}, gamma {chosen.localization_option} at "
                   f"{study['chains']} chains x {study['draws']} draws", file=sys.stderr)
-        attempts = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
-                                 {**common, **study}, CONFIRM_RUNS, common.get("seed", 0) * 1009 + 104729 + len(runs),
-                                 lambda_max)
+
+        def run_pick(options: dict, seed_block: int) -> list[dict]:
+            """The pick at the study's length with `options` on top, chain seeds of their own per block and run."""
+            return settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
+                                 {**common, **study, **options}, CONFIRM_RUNS,
+                                 common.get("seed", 0) * 1009 + seed_block * 104729 + len(runs), lambda_max)
+
+        attempts = run_pick({}, 1)
         if shorter_and_disagreeing(attempts[-1], chosen):
             # The drift test can miss a slow rise: on the multiplicity-4 deep linear net at n = 990 the pick
             # 0.01/nbeta, gamma 1 gave 25.2 +- 0.4 after the grid's 3,000 burn-in steps and 20.6 +- 0.4 (drift -0.5)
@@ -173,9 +178,7 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                       f"{short['llc_sem']:.2g}) does not agree with the grid's ({chosen.llc_mean:.3g} +- "
                       f"{chosen.llc_sem:.2g}) after {chosen.n_burnin}; confirming at {chosen.n_burnin}",
                       file=sys.stderr)
-            attempts += settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
-                                      {**common, **study, "burnin": int(chosen.n_burnin)}, CONFIRM_RUNS,
-                                      common.get("seed", 0) * 1009 + 3 * 104729 + len(runs), lambda_max)
+            attempts += run_pick({"burnin": int(chosen.n_burnin)}, 3)
         runs += confirmation_rows(attempts)
         if attempts[-1]["healthy"]:
             grid.loc[best, "recommended"] = True
@@ -185,10 +188,7 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                     print(f"calibration: standard error {attempts[-1]['llc_sem']:.2g} is above {precision:g} of the "
                           f"LLC; running {chains} chains", file=sys.stderr)
                 # more chains test the drift with more power: still settling, they get a longer burn-in too
-                precise = settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
-                                        {**common, **study, "chains": chains, "burnin": attempts[-1]["n_burnin"]},
-                                        CONFIRM_RUNS, common.get("seed", 0) * 1009 + 7 * 104729 + len(runs),
-                                        lambda_max)
+                precise = run_pick({"chains": chains, "burnin": attempts[-1]["n_burnin"]}, 7)
                 if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
                     runs[-1]["recommended"] = False
                 runs += confirmation_rows(precise)

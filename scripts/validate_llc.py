@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cases = [c for c in CASES if c.name in names]
     work = [(case, out, options, args.calibrate) for case in cases]
+    if args.json:  # this run's rows only (appended as each case finishes, so a killed run keeps the finished ones)
+        Path(args.json).write_text("")
     rows = []
     for case_result in run_cases(work, args.jobs):
         rows += case_result

@@ -13,6 +13,7 @@ import torch
 
 from analyze.llc.calibrate import calibrate, context_for
 from analyze.llc.calibration_table import recommended_setting
+from analyze.llc.stability import bottom_hessian_eigenvalue
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context, EstimatorError
 from analyze.estimators.llc import LLCEstimator
@@ -409,9 +410,9 @@ def test_a_pick_that_fails_at_the_studys_length_is_not_recommended():
     ctx = linear_regression_context(10)
     table = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"], nbetas=["n/log n"],
                       common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False,
-                      study=dict(chains=4, draws=40, burnin=1))
+                      study=dict(chains=4, draws=40, burnin=4))
     confirmation = table[table.stage == "confirmation"]
-    assert list(confirmation.n_burnin) == [1, 3, 9] and (confirmation.n_draws == 40).all()
+    assert list(confirmation.n_burnin) == [4, 12, 36] and (confirmation.n_draws == 40).all()
     assert set(confirmation.lr_option) == {"0.033/nbeta"} and not confirmation.healthy.any()
     assert table[table.stage == "grid"].healthy.all()  # the short grid chains saw nothing wrong
     assert not table.recommended.any() and recommended_setting(table) is None
@@ -426,10 +427,13 @@ def test_a_confirmation_that_disagrees_with_its_grid_point_runs_again_at_the_gri
     ctx = linear_regression_context(10)
     common = dict(chains=4, draws=300, burnin=100, batch_size="0")
     grid = pd.DataFrame([{"nbeta_option": "n/log n", "localization_option": "1", "lr_option": "0.1/nbeta",
-                          "localization": 1.0, "lr": 0.1, "healthy": True, "agrees_with_larger_step": True,
-                          "llc_mean": 50.0, "llc_sem": 0.1, "n_burnin": 900, "stage": "grid"}])
+                          "localization": 1.0, "lr": 0.1, "nbeta": 200.0, "healthy": True,
+                          "agrees_with_larger_step": True, "llc_mean": 50.0, "llc_sem": 0.1, "n_burnin": 900,
+                          "stage": "grid"}])
     study = dict(chains=4, draws=300, burnin=100)
-    table = confirm(ctx, grid, ["n/log n"], ["1"], common, study, math.nan, progress=False)
+    # the loss holds every direction of a regular model: 100 burn-in steps cover 3 relaxation times
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    table = confirm(ctx, grid, ["n/log n"], ["1"], common, study, math.nan, lambda_min, progress=False)
     confirmation = table[table.stage == "confirmation"]
     assert list(confirmation.n_burnin) == [100, 900] and confirmation.healthy.all()
     assert list(confirmation.recommended) == [False, True]
@@ -437,10 +441,65 @@ def test_a_confirmation_that_disagrees_with_its_grid_point_runs_again_at_the_gri
     assert shorter_and_disagreeing(confirmation.iloc[0], grid.iloc[0])
     # a grid point the confirmation agrees with: one run, at the study's burn-in
     agreeing = grid.assign(llc_mean=confirmation.llc_mean.iloc[0], llc_sem=confirmation.llc_sem.iloc[0])
-    table = confirm(ctx, agreeing, ["n/log n"], ["1"], common, study, math.nan, progress=False)
+    table = confirm(ctx, agreeing, ["n/log n"], ["1"], common, study, math.nan, lambda_min, progress=False)
     assert list(table[table.stage == "confirmation"].n_burnin) == [100]
     # a confirmation with at least the grid point's burn-in is never run again, whatever it gives
     assert not shorter_and_disagreeing({**confirmation.iloc[0].to_dict(), "n_burnin": 900}, grid.iloc[0])
+
+
+def with_dead_inputs(ctx: Context, dead: int) -> Context:
+    """The linear regression with its first `dead` inputs always 0, refitted: their weights are exactly flat
+    directions (the loss does not see them), and the learning coefficient is (d - dead) / 2."""
+    for split in (ctx.splits.train, ctx.splits.val, ctx.splits.test):
+        split.x[:, :dead] = 0.0
+    live = torch.cat([ctx.splits.train.x[:, dead:], torch.ones(len(ctx.splits.train), 1)], 1).double()
+    solution = torch.linalg.lstsq(live, ctx.splits.train.y.double()).solution
+    with torch.no_grad():
+        ctx.model.out.weight.zero_()
+        ctx.model.out.weight[:, dead:].copy_(solution[:-1].T)
+        ctx.model.out.bias.copy_(solution[-1])
+    return ctx
+
+
+def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
+    """Where only the localizer holds a direction, the chains' spread along it relaxes in 1/(eps gamma) steps. On a
+    linear regression with 4 dead inputs (lambda_min = 0, LLC 3): gamma 1 would need 3 x 1/(eps gamma) burn-in
+    steps, beyond the 9 x 100 confirm runs at most, so it is set aside unrun; gamma 10's pick runs at the study's
+    100 burn-in steps and once more at 3 relaxation times, the two agree (the dead weights do not move the loss),
+    and the shorter is recommended."""
+    from analyze.llc.calibrate import RELAXATION_TIMES, confirm
+    from analyze.llc.stability import relaxation_steps
+
+    ctx = with_dead_inputs(linear_regression_context(10), 4)
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    assert abs(lambda_min) < 1e-4
+    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
+    eps = 0.1 / nbeta
+    assert relaxation_steps(eps, 10.0, nbeta, lambda_min) == pytest.approx(1 / (eps * 10), rel=1e-3)
+    # a regular direction relaxes through its curvature: 1 / (eps (gamma + nbeta h))
+    assert relaxation_steps(eps, 10.0, nbeta, 2.0) == pytest.approx(1 / (eps * (10 + 2 * nbeta)))
+    assert relaxation_steps(eps, 10.0, nbeta, -2.0) == relaxation_steps(eps, 10.0, nbeta, 0.0)  # a dip counts as 0
+    assert relaxation_steps(eps, 0.0, nbeta, 0.0) == math.inf
+
+    def grid_row(loc: float) -> dict:
+        return {"nbeta_option": "n/log n", "localization_option": f"{loc:g}", "lr_option": "0.1/nbeta",
+                "localization": loc, "lr": eps, "nbeta": nbeta, "healthy": True, "agrees_with_larger_step": True,
+                "llc_mean": 3.0, "llc_sem": 0.1, "n_burnin": 100, "stage": "grid"}
+
+    grid = pd.DataFrame([grid_row(1.0), grid_row(10.0)])
+    common, study = dict(chains=4, draws=300, burnin=100, batch_size="0"), dict(chains=4, draws=300, burnin=100)
+    table = confirm(ctx, grid, ["n/log n"], ["1", "10"], common, study, math.nan, lambda_min, progress=False)
+    confirmation = table[table.stage == "confirmation"]
+    needed = math.ceil(RELAXATION_TIMES / (eps * 10))
+    assert 100 < needed <= 900 and RELAXATION_TIMES / (eps * 1) > 900
+    assert set(confirmation.localization_option) == {"10"}  # gamma 1 was set aside without a run
+    assert list(confirmation.n_burnin) == [100, needed] and confirmation.healthy.all()
+    assert list(confirmation.recommended) == [True, False]  # they agree: the shorter burn-in is recommended
+    assert abs(confirmation.llc_mean.iloc[0] - 3) < 0.15 * 3
+    assert list(table[table.stage == "grid"].recommended) == [False, True]
+    # with gamma 1 alone there is nothing to recommend
+    alone = confirm(ctx, grid.iloc[:1], ["n/log n"], ["1"], common, study, math.nan, lambda_min, progress=False)
+    assert not alone.recommended.any() and (alone.stage == "grid").all()
 
 
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):

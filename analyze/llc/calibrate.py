@@ -25,8 +25,12 @@ pick is confirmed at the length the study will run (its chains and draws; `confi
 cannot see a slow drift, so the pick runs again, with a longer burn-in while it is still settling, and at its grid
 point's burn-in where it had fewer burn-in steps than the grid point and does not agree with it (the drift test
 can miss a slow rise), and is recommended with the burn-in that settled it, or set aside for the next
-localization's pick; where its standard error is above `precision` of the LLC, it runs once more with the chains
-that bring it there (`more_chains`), and those are recommended too. Every row also carries the Hessian's smallest
+localization's pick. A pick must also have relaxed: its burn-in must cover RELAXATION_TIMES relaxation times of the
+flattest direction (relaxation_steps = 1/(eps (gamma + nbeta max(lambda_min, 0))): where only the localizer holds a
+direction, the chains spread along it that slowly, and the drift test cannot see it), or agree with a run that does
+(`relaxed`); a localization too weak to relax within the longest confirmation run is set aside unrun. Where the
+standard error is above `precision` of the LLC, it runs once more with the chains that bring it there
+(`more_chains`), and those are recommended too. Every row also carries the Hessian's smallest
 eigenvalue at the checkpoint and the localization margin gamma + nbeta lambda_min: where it is negative the
 localizer does not hold the chains against the loss's downward curvature on those samples (reported, not a health
 test: a subsample's Hessian dips below zero even at a minimum of the full loss). The table keeps every grid point
@@ -48,7 +52,8 @@ from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context
 from analyze.estimators.llc import LLCEstimator, parse_burnin, parse_lr, parse_nbeta
 from analyze.llc.statistics import healthy
-from analyze.llc.stability import STABLE_STEP, bottom_hessian_eigenvalue, localization_margin, top_hessian_eigenvalue
+from analyze.llc.stability import (STABLE_STEP, bottom_hessian_eigenvalue, localization_margin, relaxation_steps,
+                                   top_hessian_eigenvalue)
 from analyze.store import file_hash
 from trainer.checkpoints import load_model
 from trainer.data import load_dataset
@@ -61,6 +66,10 @@ CALIBRATION_LENGTH = 300  # burn-in and draws at the largest step (the default g
 # along the flat directions that they leave the basin, and 1000 is where the estimate is right (docs/llc.md)
 SETTLE_BURNIN = 3  # burn-in factor for a grid point whose chains were still settling (drift or R-hat only)
 CONFIRM_RUNS = 3  # the recommendation at the study's length: its burn-in, then 3x and 9x while still settling
+# a confirmed burn-in covers 3 relaxation times of the flattest direction (the chains' spread along it is then 99.8%
+# of the stationary one), or agrees with a run that does: on the multiplicity-4 net at n = 59,940 the estimate moved
+# by +14% between 1/3 and 3 relaxation times at gamma 10 and held from 1 to 10 at gamma 30 (docs/llc-localization.md)
+RELAXATION_TIMES = 3
 PRECISION = 0.05  # standard error / LLC a confirmed recommendation should reach (more chains where it does not)
 MAX_CHAINS = 16  # at most this many chains for it (16 chains x 1,000 draws cost four times the default's 4)
 EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when its smallest step has no plateau
@@ -116,18 +125,24 @@ def calibrate(ctx: Context, lrs: list[str], localizations: list[str], nbetas: li
     table = extend_downwards(ctx, table, nbetas, localizations, common, lambda_max, progress)
     table["stage"] = "grid"
     given_up = sorted(given_up_all)  # localizations whose smaller steps were not run
-    if study:
-        table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, progress, precision)
     # The downward curvature the localizer must hold: reported, not part of `healthy` (at a minimum of the full loss
-    # the 1,280 samples' Hessian still dips below zero: -0.1 to -0.24 on the truth suite's deep linear nets)
-    table["lambda_min"] = bottom_hessian_eigenvalue(ctx)
+    # the 1,280 samples' Hessian still dips below zero: -0.1 to -0.24 on the truth suite's deep linear nets); its
+    # positive part sets how fast the flattest direction relaxes, which the confirmation's burn-in must cover
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    unrelaxed = []
+    if study:
+        table = confirm(ctx, table, nbetas, localizations, common, study, lambda_max, lambda_min, progress, precision)
+        unrelaxed = table.attrs["unrelaxed"]
+    table["lambda_min"] = lambda_min
     table["localization_margin"] = localization_margin(table.localization, table.nbeta, table.lambda_min)
+    table["relaxation_steps"] = relaxation_steps(table.lr, table.localization, table.nbeta, lambda_min)
     table.attrs["given_up"] = given_up
+    table.attrs["unrelaxed"] = unrelaxed
     return table
 
 
 def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations: list[str], common: dict,
-            study: dict, lambda_max: float, progress: bool, precision: float = 0.0) -> pd.DataFrame:
+            study: dict, lambda_max: float, lambda_min: float, progress: bool, precision: float = 0.0) -> pd.DataFrame:
     """Run the recommendation at the study's length (`study`: chains, draws, burnin) before it is recommended.
 
     The grid judges settings on short chains, whose drift test has little power: on the NGD-vs-SGD study's MLP
@@ -135,36 +150,43 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     were still settling at 61 of 66 checkpoints (median |drift| 7.9). Here the recommended setting runs with the
     study's chains and draws; while it is still settling, with SETTLE_BURNIN x the burn-in, up to CONFIRM_RUNS
     runs; where it then had fewer burn-in steps than its grid point and does not agree with it, once more at the
-    grid point's burn-in. The burn-in that settles it becomes part of the recommendation. The burn-in is found by
-    the chains' own drift rather than set by a formula: 1/(eps gamma), the relaxation time of a flat direction,
-    bounds the settling time, but is far too long wherever the loss holds the chains (a regular model settles
-    within 1,000 steps at 0.03/nbeta, gamma 10, where 1/(eps gamma) is 480-18,000). Where flat directions dominate
-    it is the relevant scale, and the drift test cannot see a rise that slow: on the multiplicity-4 deep linear net
-    at n = 59,940 the estimate still rises after 60,000 steps (docs/llc.md), so a confirmed burn-in is a chain
-    length, not stationarity.
-    A localization whose recommendation does not settle is set aside and the next recommendation (a stronger
-    localization) is confirmed instead. A confirmed setting whose standard error is above `precision` of its
+    grid point's burn-in; and where its burn-in is under RELAXATION_TIMES relaxation times of the flattest direction,
+    once more at that many, the shorter recommended if the two agree (`relaxed`). The burn-in that settles it
+    becomes part of the recommendation. A localization whose pick would need more than the longest confirmation run
+    (SETTLE_BURNIN^(CONFIRM_RUNS - 1) x the study's burn-in) to relax is set aside unrun, as is one whose pick does
+    not settle, and the next recommendation (a stronger localization) is confirmed instead. A confirmed setting whose standard error is above `precision` of its
     LLC runs again at the settled burn-in (longer while still settling) with the chains `more_chains` asks for,
     which are recommended if they settle: at n ~ 1,000 one 4-chain estimate scatters by 6-10% of the LLC
     (docs/llc-validation.md), too much for a 15% accuracy. Confirmation rows join the table with stage
     "confirmation"; the grid row and the last healthy confirmation row of the confirmed setting are marked
     recommended, and nothing is when no recommendation is confirmed."""
     grid = table.assign(recommended=False)
-    runs, set_aside = [], set()
+    runs, set_aside, unrelaxed = [], set(), []
     while True:
         candidates = grid[[(nb, loc) not in set_aside for nb, loc in zip(grid.nbeta_option, grid.localization_option)]]
         best = recommend(candidates, nbetas, localizations)
         if best is None:
             break
         chosen = grid.loc[best]
+        longest_burnin = SETTLE_BURNIN ** (CONFIRM_RUNS - 1) * parse_burnin(study["burnin"], chosen.nbeta)
+        if relaxation_burnin(chosen, lambda_min) > longest_burnin:
+            # Too weak a localization to reach stationarity at an affordable length (relaxed): set aside unrun, the
+            # next recommendation holds the flat directions more strongly.
+            if progress:
+                print(f"calibration: gamma {chosen.localization_option} needs {relaxation_burnin(chosen, lambda_min):,.0f} "
+                      f"burn-in steps to relax ({RELAXATION_TIMES} x 1/(eps (gamma + nbeta max(lambda_min, 0)))), "
+                      f"more than the {longest_burnin:,} confirmation runs at most; setting it aside", file=sys.stderr)
+            set_aside.add((chosen.nbeta_option, chosen.localization_option))
+            unrelaxed.append(chosen.localization_option)
+            continue
         if progress:
             print(f"calibration: confirming eps {chosen.lr_option}, gamma {chosen.localization_option} at "
                   f"{study['chains']} chains x {study['draws']} draws", file=sys.stderr)
 
-        def run_pick(options: dict, seed_block: int) -> list[dict]:
+        def run_pick(options: dict, seed_block: int, attempts: int = CONFIRM_RUNS) -> list[dict]:
             """The pick at the study's length with `options` on top, chain seeds of their own per block and run."""
             return settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
-                                 {**common, **study, **options}, CONFIRM_RUNS,
+                                 {**common, **study, **options}, attempts,
                                  common.get("seed", 0) * 1009 + seed_block * 104729 + len(runs), lambda_max)
 
         attempts = run_pick({}, 1)
@@ -179,28 +201,64 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                       f"{chosen.llc_sem:.2g}) after {chosen.n_burnin}; confirming at {chosen.n_burnin}",
                       file=sys.stderr)
             attempts += run_pick({"burnin": int(chosen.n_burnin)}, 3)
-        runs += confirmation_rows(attempts)
-        if attempts[-1]["healthy"]:
+        pick = len(attempts) - 1 if attempts[-1]["healthy"] else None
+        if pick is not None:
+            pick, attempts = relaxed(attempts, run_pick, lambda_min, progress)
+        runs += confirmation_rows(attempts, pick)
+        if pick is not None:
             grid.loc[best, "recommended"] = True
-            chains = more_chains(attempts[-1], precision)
-            if chains > attempts[-1]["n_chains"]:
+            chosen_run = attempts[pick]
+            chains = more_chains(chosen_run, precision)
+            if chains > chosen_run["n_chains"]:
                 if progress:
-                    print(f"calibration: standard error {attempts[-1]['llc_sem']:.2g} is above {precision:g} of the "
+                    print(f"calibration: standard error {chosen_run['llc_sem']:.2g} is above {precision:g} of the "
                           f"LLC; running {chains} chains", file=sys.stderr)
                 # more chains test the drift with more power: still settling, they get a longer burn-in too
-                precise = run_pick({"chains": chains, "burnin": attempts[-1]["n_burnin"]}, 7)
+                precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"]}, 7)
                 if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
-                    runs[-1]["recommended"] = False
-                runs += confirmation_rows(precise)
+                    for row in runs:
+                        row["recommended"] = False
+                runs += confirmation_rows(precise, len(precise) - 1 if precise[-1]["healthy"] else None)
             break
         set_aside.add((chosen.nbeta_option, chosen.localization_option))
-    return pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+    out = pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+    out.attrs["unrelaxed"] = unrelaxed  # localizations set aside unrun: too slow to relax at the longest burn-in
+    return out
 
 
-def confirmation_rows(attempts: list[dict]) -> list[dict]:
-    """Calibration rows of confirmation runs, the last one recommended if healthy (the caller may replace it with a
-    run of more chains); no plateau test."""
-    return [{**row, "stage": "confirmation", "recommended": row["healthy"] and i == len(attempts) - 1,
+def relaxation_burnin(row, lambda_min: float) -> float:
+    """Burn-in steps for RELAXATION_TIMES relaxation times of the flattest direction at `row`'s setting."""
+    return RELAXATION_TIMES * float(relaxation_steps(row["lr"], row["localization"], row["nbeta"], lambda_min))
+
+
+def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -> tuple[int, list[dict]]:
+    """Is the healthy confirmation run attempts[-1] stationary? Its burn-in must cover RELAXATION_TIMES relaxation
+    times of the flattest direction (relaxation_steps), or agree with a run that does. Returns the index of the run
+    to recommend (None: neither is healthy) and the attempts, with that longer run if one was made.
+
+    The drift test cannot see a rise as slow as the localizer's: on the multiplicity-4 deep linear net at
+    n = 59,940 (gamma 10, 1/(eps gamma) = 18,200 steps) the estimate was -0%, +6% and +14% of the truth after 6,130,
+    20,000 and 60,000 burn-in steps with |drift| < 3 throughout, and on the demo's MLP at gamma 1 it fell from 45 to
+    16 between 1,068 and 45,000 steps (docs/llc-localization.md, docs/demo-relaxation.md). Where the confirmed burn-in is shorter, the pick runs
+    once at RELAXATION_TIMES relaxation times: if the two agree the shorter burn-in is recommended (its estimate is
+    the stationary one within the tolerance), otherwise the longer one."""
+    settled, needed = attempts[-1], relaxation_burnin(attempts[-1], lambda_min)
+    if settled["n_burnin"] >= needed:
+        return len(attempts) - 1, attempts
+    if progress:
+        print(f"calibration: {settled['n_burnin']} burn-in steps are under {RELAXATION_TIMES} relaxation times "
+              f"({math.ceil(needed):,} steps); checking the estimate there", file=sys.stderr)
+    longer = run_pick({"burnin": math.ceil(needed)}, 5, attempts=1)[-1]
+    attempts = attempts + [longer]
+    if not longer["healthy"]:
+        return None, attempts
+    return (len(attempts) - 2 if agree(settled, longer) else len(attempts) - 1), attempts
+
+
+def confirmation_rows(attempts: list[dict], recommended: int | None) -> list[dict]:
+    """Calibration rows of confirmation runs, attempts[recommended] marked recommended (the caller may replace it
+    with a run of more chains); no plateau test."""
+    return [{**row, "stage": "confirmation", "recommended": i == recommended,
              "llc_at_larger_step": math.nan, "agrees_with_larger_step": False} for i, row in enumerate(attempts)]
 
 

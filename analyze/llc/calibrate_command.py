@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="kept draws per chain of the confirmation run; 0: no confirmation (default: %(default)s)")
     ap.add_argument("--confirm-burnin", default=DEFAULTS["burnin"],
                     help="first burn-in of the confirmation run: a whole number, or 'auto' as the llc estimator's "
-                         "(grows as sqrt(nbeta)) (default: %(default)s)")
+                         "(grows as sqrt(nbeta)); 9x it is the longest confirmation run, and a localization whose "
+                         "flattest direction needs more to relax (3 x 1/(eps (gamma + nbeta max(lambda_min, 0)))) is "
+                         "set aside (default: %(default)s)")
     ap.add_argument("--precision", type=float, default=PRECISION,
                     help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
                          f"confirmation run's is larger, it runs again with the chains that bring it there (at most "
@@ -155,10 +157,16 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
     if cut_short:
         print(f"smaller steps not run at localization {', '.join(cut_short)}: a larger step's chains there were "
               "unhealthy even with 3x the burn-in")
+    unrelaxed = table.attrs.get("unrelaxed", [])
+    if unrelaxed:
+        print(f"not confirmed at localization {', '.join(unrelaxed)}: its pick's flattest direction needs more burn-in "
+              "to relax (3 x relaxation_steps) than 9x --confirm-burnin; a stronger localization holds it faster")
     confirmations = table[table["stage"] == "confirmation"] if "stage" in table else table.iloc[:0]
     if len(confirmations):
-        print("\nconfirmation at the study's length (the grid's pick, run again with its chains and draws):")
-        print(confirmations[columns].to_string(index=False, float_format=number))
+        print("\nconfirmation at the study's length (the grid's pick, run again with its chains and draws; where its "
+              "burn-in is under 3 relaxation times, once more at 3, and the shorter recommended if the two agree):")
+        print(confirmations[columns + ["relaxation_steps", "recommended"]].to_string(index=False,
+                                                                                   float_format=number))
     setting = recommended_setting(table)
     if setting:
         sampler = "" if grid.sampler.iloc[0] == "sgld" else f" --llc-sampler {grid.sampler.iloc[0]}"
@@ -171,10 +179,10 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
         print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
               f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
               "a trained checkpoint")
-    elif len(confirmations):
+    elif len(confirmations) or unrelaxed:
         print("\nno setting qualifies at the study's length: the chains of every setting the grid picked were still "
-              "unhealthy in the confirmation runs, even with 9x the burn-in; try more --confirm-burnin, or longer "
-              "calibration chains (--draws, --burnin)")
+              "unhealthy in the confirmation runs, even with 9x the burn-in, or too slow to relax at it; try more "
+              "--confirm-burnin, stronger localizations, or longer calibration chains (--draws, --burnin)")
     else:
         print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
               f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}, step_curvature < {STABLE_STEP:g}) with a step that agrees with the "

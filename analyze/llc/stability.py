@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from analyze.estimators.base import Context
 
@@ -45,6 +47,18 @@ def localization_margin(localization: float, nbeta: float, lambda_min: float) ->
     """gamma + nbeta lambda_min: the smallest curvature of the localized tempered potential at w*. Negative: the
     localizer does not hold the chains against the loss's downward curvature."""
     return localization + nbeta * lambda_min
+
+
+def relaxation_steps(lr, localization, nbeta, lambda_min):
+    """1 / (eps (gamma + nbeta max(lambda_min, 0))): SGLD steps in which the spread of the chains along the
+    flattest direction of the localized potential relaxes by a factor e. Near w* the update is an Ornstein-Uhlenbeck
+    step, drift (eps/2)(nbeta H + gamma) (w - w*) and noise sqrt(eps), whose variance along an eigenvector of H with
+    eigenvalue h relaxes as exp(-eps (gamma + nbeta h) t): a regular model's loss holds every direction (a few steps),
+    while along a flat direction only the localizer does (1 / (eps gamma)). A negative lambda_min counts as 0: at a
+    minimum it is a subsample's dip, and a checkpoint that is not at one is flagged by `not_at_minimum`. Scalars or
+    arrays; infinite where nothing holds the flattest direction (gamma 0 on a singular model)."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / (np.asarray(lr) * (np.asarray(localization) + np.asarray(nbeta) * np.maximum(lambda_min, 0.0)))
 
 
 def _hessian_eigenvalue(ctx: "Context", eigenvalues, samples: int | None, seed: int) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the LLC estimate on the demo's checkpoint settle, and after how many steps? The demo calibrates at the
 trunk's cut-off checkpoint (digits, 2x32 ReLU MLP, epoch 10); here the llc estimator runs there at the step
-0.03/nbeta and gamma 1, 10 and 100, after its default burn-in and after 5,000, 15,000 and 45,000 steps (4 chains x
+0.03/nbeta and gamma 1, 3, 10 and 100, after its default burn-in and after 5,000, 15,000 and 45,000 steps (4 chains x
 1,000 draws, the same chain seeds throughout). A direction only the localizer holds relaxes in
 relaxation_steps = 1 / (eps (gamma + nbeta max(lambda_min, 0))) steps (analyze/llc/stability.py); each cell says
 how many of them its burn-in covered. Where the chains have not relaxed, the estimate is a transient of the chain
@@ -32,7 +32,7 @@ from trainer.experiment import run_experiment  # noqa: E402
 
 CHECKPOINT = Path("ffnn-2x32-trunk") / "epoch-0010.safetensors"  # the demo's cut-off (scripts/demo)
 LR = "0.03/nbeta"
-LOCALIZATIONS = ["1", "10", "100"]
+LOCALIZATIONS = ["1", "3", "10", "100"]
 BURNINS = ["auto", 5_000, 15_000, 45_000]
 
 

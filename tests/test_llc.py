@@ -479,6 +479,7 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     # a regular direction relaxes through its curvature: 1 / (eps (gamma + nbeta h))
     assert relaxation_steps(eps, 10.0, nbeta, 2.0) == pytest.approx(1 / (eps * (10 + 2 * nbeta)))
     assert relaxation_steps(eps, 10.0, nbeta, -2.0) == relaxation_steps(eps, 10.0, nbeta, 0.0)  # a dip counts as 0
+    assert relaxation_steps(eps, 10.0, nbeta, math.nan) == relaxation_steps(eps, 10.0, nbeta, 0.0)  # so does no value
     assert relaxation_steps(eps, 0.0, nbeta, 0.0) == math.inf
 
     def grid_row(loc: float) -> dict:

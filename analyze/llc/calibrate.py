@@ -154,12 +154,12 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
     once more at that many, the shorter recommended if the two agree (`relaxed`). The burn-in that settles it
     becomes part of the recommendation. A localization whose pick would need more than the longest confirmation run
     (SETTLE_BURNIN^(CONFIRM_RUNS - 1) x the study's burn-in) to relax is set aside unrun, as is one whose pick does
-    not settle, and the next recommendation (a stronger localization) is confirmed instead. A confirmed setting whose standard error is above `precision` of its
-    LLC runs again at the settled burn-in (longer while still settling) with the chains `more_chains` asks for,
-    which are recommended if they settle: at n ~ 1,000 one 4-chain estimate scatters by 6-10% of the LLC
-    (docs/llc-validation.md), too much for a 15% accuracy. Confirmation rows join the table with stage
-    "confirmation"; the grid row and the last healthy confirmation row of the confirmed setting are marked
-    recommended, and nothing is when no recommendation is confirmed."""
+    not settle, and the next recommendation (a stronger localization) is confirmed instead. A confirmed setting
+    whose standard error is above `precision` of its LLC runs again at the recommended burn-in (longer while still
+    settling) with the chains `more_chains` asks for, which are recommended if they settle: at n ~ 1,000 one 4-chain
+    estimate scatters by 6-10% of the LLC (docs/llc-validation.md), too much for a 15% accuracy. Confirmation rows
+    join the table with stage "confirmation"; the grid row and the confirmation row whose burn-in and chains are
+    recommended are marked recommended, and nothing is when no recommendation is confirmed."""
     grid = table.assign(recommended=False)
     runs, set_aside, unrelaxed = [], set(), []
     while True:
@@ -173,9 +173,10 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
             # Too weak a localization to reach stationarity at an affordable length (relaxed): set aside unrun, the
             # next recommendation holds the flat directions more strongly.
             if progress:
-                print(f"calibration: gamma {chosen.localization_option} needs {relaxation_burnin(chosen, lambda_min):,.0f} "
-                      f"burn-in steps to relax ({RELAXATION_TIMES} x 1/(eps (gamma + nbeta max(lambda_min, 0)))), "
-                      f"more than the {longest_burnin:,} confirmation runs at most; setting it aside", file=sys.stderr)
+                print(f"calibration: gamma {chosen.localization_option} at eps {chosen.lr_option} needs "
+                      f"{relaxation_burnin(chosen, lambda_min):,.0f} burn-in steps to relax ({RELAXATION_TIMES} x "
+                      f"1/(eps (gamma + nbeta max(lambda_min, 0)))), more than the longest confirmation run "
+                      f"({longest_burnin:,}: 9x --confirm-burnin); setting it aside", file=sys.stderr)
             set_aside.add((chosen.nbeta_option, chosen.localization_option))
             unrelaxed.append(chosen.localization_option)
             continue
@@ -231,7 +232,7 @@ def relaxation_burnin(row, lambda_min: float) -> float:
     return RELAXATION_TIMES * float(relaxation_steps(row["lr"], row["localization"], row["nbeta"], lambda_min))
 
 
-def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -> tuple[int, list[dict]]:
+def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -> tuple[int | None, list[dict]]:
     """Is the healthy confirmation run attempts[-1] stationary? Its burn-in must cover RELAXATION_TIMES relaxation
     times of the flattest direction (relaxation_steps), or agree with a run that does. Returns the index of the run
     to recommend (None: neither is healthy) and the attempts, with that longer run if one was made.
@@ -239,9 +240,9 @@ def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -
     The drift test cannot see a rise as slow as the localizer's: on the multiplicity-4 deep linear net at
     n = 59,940 (gamma 10, 1/(eps gamma) = 18,200 steps) the estimate was -0%, +6% and +14% of the truth after 6,130,
     20,000 and 60,000 burn-in steps with |drift| < 3 throughout, and on the demo's MLP at gamma 1 it fell from 45 to
-    16 between 1,068 and 45,000 steps (docs/llc-localization.md, docs/demo-relaxation.md). Where the confirmed burn-in is shorter, the pick runs
-    once at RELAXATION_TIMES relaxation times: if the two agree the shorter burn-in is recommended (its estimate is
-    the stationary one within the tolerance), otherwise the longer one."""
+    16 between 1,068 and 45,000 steps (docs/llc-localization.md, docs/demo-relaxation.md). Where the confirmed
+    burn-in is shorter, the pick runs once at RELAXATION_TIMES relaxation times: if the two agree the shorter burn-in
+    is recommended (its estimate is the stationary one within the tolerance), otherwise the longer one."""
     settled, needed = attempts[-1], relaxation_burnin(attempts[-1], lambda_min)
     if settled["n_burnin"] >= needed:
         return len(attempts) - 1, attempts

@@ -56,9 +56,10 @@ def relaxation_steps(lr, localization, nbeta, lambda_min):
     eigenvalue h relaxes as exp(-eps (gamma + nbeta h) t): a regular model's loss holds every direction (a few steps),
     while along a flat direction only the localizer does (1 / (eps gamma)). A negative lambda_min counts as 0: at a
     minimum it is a subsample's dip, and a checkpoint that is not at one is flagged by `not_at_minimum`. Scalars or
-    arrays; infinite where nothing holds the flattest direction (gamma 0 on a singular model)."""
+    arrays; infinite where nothing holds the flattest direction (gamma 0 on a singular model). A NaN lambda_min (not
+    measured) counts as 0."""
     with np.errstate(divide="ignore"):
-        return 1.0 / (np.asarray(lr) * (np.asarray(localization) + np.asarray(nbeta) * np.maximum(lambda_min, 0.0)))
+        return 1.0 / (np.asarray(lr) * (np.asarray(localization) + np.asarray(nbeta) * np.fmax(lambda_min, 0.0)))
 
 
 def _hessian_eigenvalue(ctx: "Context", eigenvalues, samples: int | None, seed: int) -> float:

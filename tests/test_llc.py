@@ -503,6 +503,33 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     assert not alone.recommended.any() and (alone.stage == "grid").all()
 
 
+def test_a_confirmation_that_disagrees_with_its_relaxed_run_is_replaced_by_it():
+    """A healthy confirmation run whose burn-in is under 3 relaxation times is checked against a real run at 3: one
+    that cannot be right (it claims 50 +- 0.1 where the LLC is 3) is replaced by the relaxed run, with its burn-in;
+    one that agrees is kept (the shorter burn-in); one whose burn-in already covers them runs nothing more."""
+    from analyze.llc.calibrate import RELAXATION_TIMES, relaxed, settled_point
+
+    ctx = with_dead_inputs(linear_regression_context(10), 4)
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
+    common = dict(chains=4, draws=300, burnin=100, batch_size="0")
+
+    def run_pick(options: dict, seed_block: int, attempts: int = 3) -> list[dict]:
+        return settled_point(ctx, "0.1/nbeta", "10", "n/log n", {**common, **options}, attempts, seed_block, math.nan)
+
+    short = {"lr": 0.1 / nbeta, "localization": 10.0, "nbeta": nbeta, "n_burnin": 100, "healthy": True,
+             "llc_mean": 50.0, "llc_sem": 0.1}
+    pick, attempts = relaxed([short], run_pick, lambda_min, progress=False)
+    needed = math.ceil(RELAXATION_TIMES * nbeta / (0.1 * 10))
+    assert pick == 1 and len(attempts) == 2 and attempts[1]["n_burnin"] == needed and attempts[1]["healthy"]
+    assert abs(attempts[1]["llc_mean"] - 3) < 0.15 * 3
+    agreeing = {**short, "llc_mean": attempts[1]["llc_mean"], "llc_sem": attempts[1]["llc_sem"]}
+    pick, attempts = relaxed([agreeing], run_pick, lambda_min, progress=False)
+    assert pick == 0 and len(attempts) == 2
+    pick, attempts = relaxed([{**short, "n_burnin": needed}], run_pick, lambda_min, progress=False)
+    assert pick == 0 and len(attempts) == 1
+
+
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
     """Without localization the MLP's chains roam (R-hat far above 1.1) even with 3x the burn-in: the smaller steps
     at that localization are not run (they would cost the most), while at a localization where the chains are

@@ -25,6 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # validate_llc and _stages, next to this file
 from _stages import doc_path  # noqa: E402
 from validate_llc import estimate, run_in_processes  # noqa: E402
+from llc_localization import burnin_headers  # noqa: E402
 from analyze.llc.calibrate import context_for  # noqa: E402
 from analyze.llc.stability import bottom_hessian_eigenvalue, relaxation_steps  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -65,9 +66,7 @@ def times(x: float) -> str:
 
 def table_text(table: pd.DataFrame) -> str:
     """One row per gamma: LLC +- s.e., drift and relaxation times covered after each burn-in."""
-    lines = ["| gamma | relaxation_steps | " + " | ".join(
-        f"burn-in {b:,}" if b != "auto" else "burn-in auto" for b in BURNINS) + " |",
-        "|" + "---|" * (2 + len(BURNINS))]
+    lines = ["| gamma | relaxation_steps | " + burnin_headers(BURNINS) + " |", "|" + "---|" * (2 + len(BURNINS))]
     for loc, g in table.groupby("localization", sort=False):
         cells = [f"{r.llc:.3g} +- {r.sem:.2g}, drift {r.drift:.1f} [{r.n_burnin:,} steps: {times(r.relaxation_times)} x]"
                  + ("" if r.healthy else " ✗") for r in g.itertuples()]

@@ -4,6 +4,7 @@ the run records (checked against the closed forms)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -178,3 +179,27 @@ def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_pa
     table = sweep.extrapolation_page(pd.DataFrame(rows))
     assert table.count("| linreg | 990 | 50 | 49 +- 1 (-2%) (0.01) |") == 1
     assert len(re.findall(r"\| 50 \([+-]0%\)", table)) == len(sweep.FITS)  # -0%: rounding of the fit
+
+
+def test_demo_relaxation_table_says_how_many_relaxation_times_each_burn_in_covered(tmp_path, monkeypatch):
+    """scripts/demo_relaxation.py with short chains on the demo's own cut-off checkpoint (trained here): each cell's
+    relaxation times are its burn-in over relaxation_steps, which at lambda_min <= 0 is 1 / (eps gamma)."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("demo_relaxation", scripts / "demo_relaxation.py")
+    relax = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(relax)
+    monkeypatch.setattr(relax, "BURNINS", [100, 300])
+    path = relax.demo_checkpoint(tmp_path)
+    assert path.exists() and path.name == "epoch-0010.safetensors"
+    rows = pd.DataFrame(relax.relaxation_rows(path, "10", -0.2))
+    n = len(relax.context_for(path).splits.train)
+    tau = 1 / (0.03 / (n / math.log(n)) * 10)  # 1 / (eps gamma), eps = 0.03 / nbeta, nbeta = n / log n
+    assert list(rows.n_burnin) == [100, 300]
+    assert rows.relaxation_steps.tolist() == pytest.approx([tau, tau])
+    assert rows.relaxation_times.tolist() == pytest.approx([100 / tau, 300 / tau])
+    table = relax.table_text(rows)
+    assert table.count("| 10 |") == 1 and table.count("drift") == 2 and "burn-in 300" in table

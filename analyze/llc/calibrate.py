@@ -169,12 +169,13 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
             break
         chosen = grid.loc[best]
         longest_burnin = SETTLE_BURNIN ** (CONFIRM_RUNS - 1) * parse_burnin(study["burnin"], chosen.nbeta)
-        if relaxation_burnin(chosen, lambda_min) > longest_burnin:
+        needed = relaxation_burnin(chosen, lambda_min)
+        if needed > longest_burnin:
             # Too weak a localization to reach stationarity at an affordable length (relaxed): set aside unrun, the
             # next recommendation holds the flat directions more strongly.
             if progress:
                 print(f"calibration: gamma {chosen.localization_option} at eps {chosen.lr_option} needs "
-                      f"{relaxation_burnin(chosen, lambda_min):,.0f} burn-in steps to relax ({RELAXATION_TIMES} x "
+                      f"{needed:,.0f} burn-in steps to relax ({RELAXATION_TIMES} x "
                       f"1/(eps (gamma + nbeta max(lambda_min, 0)))), more than the longest confirmation run "
                       f"({longest_burnin:,}: 9x --confirm-burnin); setting it aside", file=sys.stderr)
             set_aside.add((chosen.nbeta_option, chosen.localization_option))

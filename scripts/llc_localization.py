@@ -17,14 +17,20 @@ at gamma 1, 10 and 30, after the default burn-in and after 20,000 and 60,000 ste
 localizer holds relaxes in 1 / (eps gamma) steps: 182,000, 18,200 and 6,100 there), with linear regression
 20 -> 5 at gamma 10 as the regular control.
 
+Fourth table: is there a plateau once every chain has relaxed? Each gamma runs a burn-in of 3 relaxation times of
+a direction only the localizer holds, 3 / (eps gamma) (as calibrate asks of a recommendation; at least `auto`, at
+most 100,000 steps), at both points of a regular model and two deep linear nets, at nbeta = n / log n and, for the
+n = 990 cases, at nbeta = n (a colder posterior, in which the loss outweighs the localizer by log n more).
+
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 16 minutes here with two jobs (the third table takes 10).
+About 22 minutes here with two jobs (the third table takes 10, the fourth 6).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -34,6 +40,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # validate_llc, next to this file
 import validate_llc as suite  # noqa: E402
+from analyze.estimators.llc import DEFAULTS, parse_burnin, parse_lr, parse_nbeta  # noqa: E402
+from analyze.llc.calibrate import RELAXATION_TIMES  # noqa: E402
+from analyze.llc.stability import relaxation_steps  # noqa: E402
 
 CASES = ["linreg-20to5", "dln-8x3-r3", "dln-8x3-r3-n60k"]
 LOCALIZATIONS = ["1", "3", "10", "100"]
@@ -46,6 +55,11 @@ FITS = [(0.1, 0.3), (0.3, 1.0)]
 LONG_RUNS = [("dln-8x3-r3-n60k", loc, ("trained", "truth")) for loc in ("1", "10", "30")]
 LONG_RUNS += [("linreg-20to5", "10", ("trained",))]
 LONG_BURNINS = ["auto", 20_000, 60_000]
+# (case, nbetas) of the fourth table; at nbeta = n a case of n = 9,990 would need 10x the steps (1 million at gamma 1)
+RELAXED_RUNS = [("linreg-4to2", ("n/log n", "n")), ("dln-8x3-r3", ("n/log n", "n")),
+                ("dln-10x4x2-r2", ("n/log n",))]
+RELAXED_LOCALIZATIONS = ["1", "3", "10", "30", "100"]
+RELAXED_MAX_BURNIN = 100_000
 
 
 def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
@@ -116,6 +130,48 @@ def long_chain_rows(case: suite.Case, paths: dict[str, Path], loc: str, points: 
     return [{**r, "gap": suite.truth_gap(r, baseline)} for r in rows]
 
 
+def relaxed_burnin(nbeta: float, localization: float) -> int:
+    """Burn-in covering RELAXATION_TIMES relaxation times of a direction only the localizer holds (lambda_min taken
+    as 0, as on a singular net), at least the default's `auto` and at most RELAXED_MAX_BURNIN."""
+    eps = parse_lr(DEFAULTS["lr"], nbeta)
+    needed = math.ceil(RELAXATION_TIMES * relaxation_steps(eps, localization, nbeta, 0.0))
+    return min(RELAXED_MAX_BURNIN, max(parse_burnin("auto", nbeta), needed))
+
+
+def relaxed_rows(case: suite.Case, paths: dict[str, Path], nbetas: tuple[str, ...]) -> list[dict]:
+    """Both points of `case` at every RELAXED_LOCALIZATIONS and nbeta, each after relaxed_burnin (same chain seeds),
+    with the true parameter's expected offset `gap` at that nbeta."""
+    rows = []
+    for point in ("trained", "truth"):
+        ctx = suite.context_for(paths[point])
+        n = len(ctx.splits.train)
+        for nb in nbetas:
+            for loc in RELAXED_LOCALIZATIONS:
+                burnin = relaxed_burnin(parse_nbeta(nb, n), float(loc))
+                r = suite.estimate(ctx, {"localization": loc, "nbeta": nb, "burnin": burnin})
+                rows.append({"case": case.name, "point": point, "n": r["n"], "truth": r["llc_truth"],
+                             "nbeta_option": nb, "localization": float(loc), "n_burnin": r["n_burnin"],
+                             "llc": r["llc_mean"], "sem": r["llc_sem"], "error": r["llc_mean"] / r["llc_truth"] - 1,
+                             "healthy": r["healthy"], "nbeta": r["nbeta"], "init_loss": r["init_loss"]})
+    baseline = next(r["init_loss"] for r in rows if r["point"] == "trained")
+    return [{**r, "gap": suite.truth_gap(r, baseline)} for r in rows]
+
+
+def relaxed_page(table: pd.DataFrame) -> str:
+    """The fourth table: one row per (case, point, nbeta), the relaxed estimate at each gamma."""
+    lines = ["| case | point | n | nbeta | truth | truth - gap | "
+             + " | ".join(f"gamma {g} [burn-in]" for g in RELAXED_LOCALIZATIONS) + " |",
+             "|" + "---|" * (6 + len(RELAXED_LOCALIZATIONS))]
+    for (case, point, nb), g in table.groupby(["case", "point", "nbeta_option"], sort=False):
+        r0 = g.iloc[0]
+        nbeta = "n / log n" if nb == "n/log n" else "n"
+        cells = [f"{estimate_text(r['llc'], r['sem'], r['error'])}{'' if r['healthy'] else ' ✗'} [{r['n_burnin']:,}]"
+                 for _, r in g.sort_values("localization").iterrows()]
+        lines.append(f"| {case} | {point} | {r0['n']:,} | {nbeta} | {r0['truth']:.4g} | {r0['truth'] - r0['gap']:.3g} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def long_chain_page(table: pd.DataFrame) -> str:
     """The third table: one row per (case, point, gamma), the estimate after each of LONG_BURNINS."""
     lines = ["| case | point | n | truth | truth - gap | gamma | " + burnin_headers(LONG_BURNINS) + " |",
@@ -147,7 +203,7 @@ def extrapolation_page(table: pd.DataFrame) -> str:
 
 
 def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None,
-         long_chains: pd.DataFrame | None = None) -> str:
+         long_chains: pd.DataFrame | None = None, relaxed: pd.DataFrame | None = None) -> str:
     lines = ["| case | n | truth | gamma | gamma / nbeta | " + burnin_headers(BURNINS) + " |",
              "|" + "---|" * (5 + len(BURNINS))]
     for (case, loc), g in table.groupby(["case", "localization"], sort=False):
@@ -168,14 +224,18 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
                "\n## Long chains\n\n" + " ".join(__doc__.split("\n\n")[2].split())
                + " LLC +- s.e. (error against the truth) and `drift`; `truth - gap` is where the estimate at the true "
                "parameter is expected (validate_llc.py); each row's runs share chain seeds.\n\n"
-               + long_chain_page(long_chains) + "\n"))
+               + long_chain_page(long_chains) + "\n")
+            + ("" if relaxed is None else
+               "\n## Relaxed chains at every localization\n\n" + " ".join(__doc__.split("\n\n")[3].split())
+               + " LLC +- s.e. (error against the truth) [burn-in steps]; `truth - gap` as above, at that nbeta; each "
+               "row's runs share chain seeds.\n\n" + relaxed_page(relaxed) + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
+    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:4]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="llc-truth", help="folder of the truth suite's trained cases (reused)")
-    ap.add_argument("--doc", help="write the three tables to this markdown file (e.g. docs/llc-localization.md)")
+    ap.add_argument("--doc", help="write the four tables to this markdown file (e.g. docs/llc-localization.md)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once (default: the cores)")
     args = ap.parse_args(argv)
     doc = suite.doc_path(args.doc, "llc_localization.py")
@@ -195,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         long_chain_rows, [(by_name[name], paths[name], loc, points) for name, loc, points in LONG_RUNS], args.jobs)
         for row in result])
     print(long_chain_page(long_chains))
+    paths.update({name: suite.checkpoints(by_name[name], Path(args.out)) for name, _ in RELAXED_RUNS})
+    relaxed = pd.DataFrame([row for result in suite.run_in_processes(
+        relaxed_rows, [(by_name[name], paths[name], nbetas) for name, nbetas in RELAXED_RUNS], args.jobs)
+        for row in result])
+    print(relaxed_page(relaxed))
     if doc:
-        doc.write_text(page(table, time.perf_counter() - start, extrapolation, long_chains))
+        doc.write_text(page(table, time.perf_counter() - start, extrapolation, long_chains, relaxed))
         print(f"wrote {args.doc}")
     return 0
 

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--cases", help="comma-separated case names (default: all but the --scale ones)")
     ap.add_argument("--scale", action="store_true", help="the cases at the NGD-vs-SGD study's size (n = 60,000, up to "
-                    "268,800 parameters; about 1.5 hours here)")
+                    "268,800 parameters; about 20 minutes here with training)")
     ap.add_argument("--calibrate", action="store_true", help="also estimate at analyze calibrate's recommendation")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="cases run at once, one process and one thread each (default: the cores, %(default)s)")

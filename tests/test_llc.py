@@ -62,6 +62,16 @@ def test_regular_model_llc_is_half_the_dimension(d):
     assert not row.not_at_minimum
 
 
+def test_regular_model_llc_does_not_depend_on_the_temperature():
+    """At nbeta = n (temperature 1) the Gaussian posterior of a regular model narrows by sqrt(log n), and the
+    estimate nbeta (E L - L_n(w*)) is d / 2 all the same; the row records the nbeta it ran at."""
+    ctx = linear_regression_context(10)
+    row = LLCEstimator(chains=4, draws=3000, burnin=300, lr="0.001/nbeta", localization=0.0, batch_size=0,
+                       nbeta="n").run(ctx)["llc"].iloc[0]
+    assert row.nbeta == row.n and not row.wbic_exact
+    assert abs(row.llc_mean - 5) < 0.1 * 5 and abs(row.llc_mean - 5) < 4 * row.llc_sem + 0.03 * 5
+
+
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop-sgld"])
 def test_fast_and_devinterp_backends_agree(mlp_context, sampler):
     common = dict(chains=4, draws=800, burnin=300, lr=1e-4, localization=100.0, batch_size=128, seed=1,

@@ -156,6 +156,21 @@ def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_net
     table = sweep.long_chain_page(long)
     assert table.count(f"| {case.name} | truth | 990 | 27.5 | {27.5 - long.gap.iloc[-1]:.3g} | 10 |") == 1
     assert table.count("drift") == 4 and "burn-in 600" in table
+    # the fourth table: a relaxed burn-in is 3 / (eps gamma) within [auto, the cap], and at nbeta = n the true
+    # parameter's expected offset is log n times that at n / log n (the same two losses, nbeta log n times larger)
+    nbeta = 990 / math.log(990)
+    assert sweep.relaxed_burnin(100 * nbeta, 1.0) == sweep.RELAXED_MAX_BURNIN  # 1.4 million steps: the cap
+    assert sweep.relaxed_burnin(nbeta, 3.0) == math.ceil(3 / (0.03 / nbeta * 3.0)) == 4785
+    assert sweep.relaxed_burnin(nbeta, 1000.0) == 1000  # 15 steps: the default's auto
+    monkeypatch.setattr(sweep, "RELAXED_LOCALIZATIONS", ["100"])
+    monkeypatch.setattr(sweep, "RELAXED_MAX_BURNIN", 300)
+    relaxed = pd.DataFrame(sweep.relaxed_rows(case, suite.checkpoints(case, tmp_path), ("n/log n", "n")))
+    assert list(relaxed.point) == ["trained"] * 2 + ["truth"] * 2 and (relaxed.n_burnin == 300).all()
+    assert list(relaxed.nbeta) == pytest.approx([nbeta, 990.0] * 2)
+    truth_gaps = relaxed[relaxed.point == "truth"].gap.tolist()
+    assert truth_gaps[0] > 0 and truth_gaps[1] == pytest.approx(math.log(990) * truth_gaps[0], rel=1e-9)
+    page = sweep.relaxed_page(relaxed)
+    assert page.count(f"| {case.name} | truth | 990 | n |") == 1 and "gamma 100 [burn-in]" in page
 
 
 def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_page_shows_each_fit(monkeypatch):

@@ -99,13 +99,15 @@ def _whole_number(text, flag: str, zero_means: str = "") -> int:
 
 
 def parse_nbeta(text: str, n: int) -> float:
-    """'n/log n' (Watanabe's WBIC temperature) or a positive number."""
+    """'n/log n' (Watanabe's WBIC temperature), 'n' (temperature 1) or a positive number."""
     if text.replace(" ", "") in ("n/logn", "n/log(n)"):
         return n / math.log(n)
+    if text.strip() == "n":
+        return float(n)
     try:
         value = float(text)
     except ValueError:
-        raise EstimatorError(f"--llc-nbeta: {text!r} is neither a number nor 'n/log n'") from None
+        raise EstimatorError(f"--llc-nbeta: {text!r} is neither a number, 'n/log n' nor 'n'") from None
     if not value > 0:
         raise EstimatorError(f"--llc-nbeta: {text!r} must be positive")
     return value
@@ -147,7 +149,8 @@ class LLCEstimator(Estimator):
                "effective step at every n)"),
         Option("localization", str, DEFAULTS["localization"], "strength gamma of the pull back to the checkpoint: "
                "a number, or 'c*nbeta' (gamma / nbeta = c at every n)"),
-        Option("nbeta", str, "n/log n", "inverse temperature times n: a number, or 'n/log n' (WBIC's)"),
+        Option("nbeta", str, "n/log n", "inverse temperature times n: a number, 'n/log n' (WBIC's) or 'n' "
+               "(temperature 1)"),
         Option("batch_size", str, DEFAULTS["batch_size"], "SGLD minibatch size: a number (0 = full-batch gradients), "
                f"or 'auto': {AUTO_BATCH} x eps x nbeta^2, at most n (plain minibatch noise then heats the chains by the "
                f"same few percent at every n and step), and at most {AUTO_BATCH_CV} with control-variate gradients"),

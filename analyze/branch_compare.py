@@ -10,17 +10,23 @@ A difference counts when it exceeds its combined standard error times `critical`
 of Z = 2 normal standard errors with the difference's Welch degrees of freedom (analyze/significance.py): 2 for
 a Hessian trace over 1,280 samples, 4.5 or more for two 2-chain LLCs, whose standard errors are themselves
 rough. The verdict says in which direction most compared points differ, or that there is no consistent
-difference.
+difference. "Most" is a test, not a count past the half: a direction needs more than half of the healthy points at
+the one-sided binomial test's level of Z normal errors (97.7%), so a count near the half is no verdict. Each
+point's call is a draw from its chains' noise, and a count at the line flips with them: the study's LLC at matched
+training loss read 10 of 21 points above (no consistent difference) on one run and 12 of 18 (more than half) after
+the same training on another machine; both are no verdict under the test (p = 0.67 and 0.12).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analyze.significance import Z, difference_bound
 
 LOSS_TOLERANCE = 0.05  # matched-loss pairs: |loss_a - loss_b| <= 5% of loss_b
+MAJORITY_LEVEL = stats.norm.sf(Z)  # 2.3%: a direction's count must beat half at the level of Z normal errors
 
 
 def series(values: pd.DataFrame, run: str, value: str, se: str, ok: str | None = None,
@@ -101,11 +107,18 @@ def verdict(table: pd.DataFrame, a: str, b: str, measure: str) -> str:
         # read NGD ABOVE from 1 healthy point of 10
         return (f"{measure}: NO VERDICT: only {n} of {len(table)} compared points are healthy on both branches (a "
                 f"verdict needs more than half; at those, {a} above {b} at {above}, below at {below})")
-    detail = (f"{a} above {b} by more than t combined s.e. at {above} of {n} healthy points, below at {below}; "
+    leading = max(above, below)
+    p = majority_p_value(leading, n)
+    detail = (f"{a} above {b} by more than t combined s.e. at {above} of {n} healthy points, below at {below} "
+              f"(more than half? one-sided binomial p = {p:.2g}, at most {MAJORITY_LEVEL:.3f}); "
               f"mean difference {healthy['diff'].mean():+.4g}"
               + (f" ({len(table) - n} unhealthy points left out)" if len(table) > n else ""))
-    if above > n / 2:
-        return f"{measure}: {a.upper()} ABOVE: {detail}"
-    if below > n / 2:
-        return f"{measure}: {a.upper()} BELOW: {detail}"
+    if p <= MAJORITY_LEVEL:
+        return f"{measure}: {a.upper()} {'ABOVE' if above > below else 'BELOW'}: {detail}"
     return f"{measure}: NO CONSISTENT DIFFERENCE: {detail}"
+
+
+def majority_p_value(count: int, n: int) -> float:
+    """P(X >= count) for X ~ Binomial(n, 1/2): how often `count` of `n` points or more would fall one way if
+    each were as likely to as not."""
+    return float(stats.binom.sf(count - 1, n, 0.5)) if n else 1.0

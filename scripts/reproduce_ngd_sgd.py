@@ -24,8 +24,10 @@ Hessian trace than SGD. Stages, each timed and printed:
    matched epoch and at matched training loss (each NGD checkpoint against the SGD checkpoint nearest in
    training loss: NGD trains faster, and both measures move as the loss falls). Only checkpoints whose
    estimates are healthy count (the llc rows' `healthy`: R-hat < 1.1, |drift| <= 3, none diverged or left the
-   basin, at a minimum, and the step stable in the stiffest direction, eps x nbeta x lambda_max < 2), and a
-   verdict needs them at more than half of the compared points.
+   basin, at a minimum, and the step stable in the stiffest direction, eps x nbeta x lambda_max < 2), a
+   verdict needs them at more than half of the compared points, and more than half of them one way by a
+   one-sided binomial test at 2.3% (analyze/branch_compare.py: at least 6 points, and a count near the half
+   is no verdict).
 
 It writes OUT/verdict.txt and, with --doc, a markdown page (settings, timings, verdicts, tables) with a PNG
 figure next to it. Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (or --data-root).

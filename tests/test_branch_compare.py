@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from analyze import branch_compare as bc
 
@@ -34,7 +35,30 @@ def test_matched_loss_pairs_each_checkpoint_with_the_nearest_loss_within_toleran
     assert list(table.index) == [5, 6] and list(table.b_epoch) == [6, 9]
     assert list(table["diff"]) == [20.0 - 11.0, 22.0 - 14.0]
     assert (table.call == "above").all()
-    assert bc.verdict(table, "NGD", "SGD", "LLC").startswith("LLC: NGD ABOVE")
+    # two points of two above: as likely as 1 in 4 by chance, not yet a majority (that needs 6 of 6)
+    assert bc.verdict(table, "NGD", "SGD", "LLC").startswith("LLC: NO CONSISTENT DIFFERENCE: NGD above SGD by more "
+                                                              "than t combined s.e. at 2 of 2 healthy points")
+
+
+def calls(above: int, below: int, n: int) -> pd.DataFrame:
+    """A comparison table whose healthy points call `above` above, `below` below, the rest no difference."""
+    return pd.DataFrame({"call": ["above"] * above + ["below"] * below + ["no difference"] * (n - above - below),
+                         "healthy": True, "diff": 1.0})
+
+
+@pytest.mark.parametrize("above, below, n, verdict", [
+    (41, 0, 43, "NGD ABOVE"), (0, 19, 24, "NGD BELOW"), (6, 0, 6, "NGD ABOVE"),
+    (5, 0, 6, "NO CONSISTENT DIFFERENCE"),  # 5 of 6 or more: 11% by chance
+    (12, 0, 18, "NO CONSISTENT DIFFERENCE"), (10, 0, 21, "NO CONSISTENT DIFFERENCE"),  # the study's two runs
+    (26, 0, 50, "NO CONSISTENT DIFFERENCE"), (14, 14, 28, "NO CONSISTENT DIFFERENCE"),
+])
+def test_a_verdict_needs_more_than_half_of_the_points_by_a_binomial_test(above, below, n, verdict):
+    """More than half of the healthy points one way, at the one-sided binomial test's level of 2 normal errors
+    (2.3%); the p-value printed is scipy's exact binomial test against one half."""
+    text = bc.verdict(calls(above, below, n), "NGD", "SGD", "LLC")
+    assert text.startswith(f"LLC: {verdict}: ")
+    p = stats.binomtest(max(above, below), n, 0.5, alternative="greater").pvalue
+    assert f"one-sided binomial p = {p:.2g}," in text and (p <= 0.02275) == (verdict != "NO CONSISTENT DIFFERENCE")
 
 
 def test_unhealthy_points_are_left_out_of_the_verdict():
@@ -42,7 +66,9 @@ def test_unhealthy_points_are_left_out_of_the_verdict():
     a = bc.series(ngd, "ngd", "value", "se", ok="ok")
     b = bc.series(frame("sgd", [4, 5, 6], [10.0] * 3, [1.0] * 3, [1.0] * 3), "sgd", "value", "se")
     text = bc.verdict(bc.at_matched_epoch(a, b, after=0), "NGD", "SGD", "LLC")
-    assert text.startswith("LLC: NGD BELOW") and "1 unhealthy points left out" in text
+    # the unhealthy epoch 6 (20 against 10: above) is left out; 2 healthy points are too few for a verdict
+    assert text.startswith("LLC: NO CONSISTENT DIFFERENCE: NGD above SGD by more than t combined s.e. at 0 of 2 "
+                           "healthy points, below at 2") and "1 unhealthy points left out" in text
     # healthy at no more than half of the compared points: no verdict, what the healthy ones say
     few = bc.series(ngd.assign(ok=[True, False, False]), "ngd", "value", "se", ok="ok")
     assert bc.verdict(bc.at_matched_epoch(few, b, after=0), "NGD", "SGD", "LLC") == (

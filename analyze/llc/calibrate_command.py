@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="SGLD step sizes, comma-separated: numbers or 'c/nbeta' (default: %(default)s)")
     ap.add_argument("--localization", default=",".join(DEFAULT_GRID["localization"]),
                     help="localizations gamma: numbers or 'c*nbeta' (default: %(default)s)")
-    ap.add_argument("--nbeta", default="n/log n", help="nbeta values separated by ';' (default: %(default)s)")
+    ap.add_argument("--nbeta", default="n/log n", help="nbeta values separated by ';': numbers, 'n/log n' or 'n' "
+                    "(default: %(default)s)")
     ap.add_argument("--chains", type=int, default=DEFAULTS["chains"], help="chains per run (default: %(default)s)")
     ap.add_argument("--draws", type=int, default=CALIBRATION_LENGTH,
                     help="kept draws per chain at the largest step; k times more at a k times smaller step "

@@ -22,9 +22,15 @@ a direction only the localizer holds, 3 / (eps gamma) (as calibrate asks of a re
 most 100,000 steps), at both points of a regular model and two deep linear nets, at nbeta = n / log n and, for the
 n = 990 cases, at nbeta = n (a colder posterior, in which the loss outweighs the localizer by log n more).
 
+Fifth table: is the weak localizations' excess the step's? Relaxed chains roam further from the checkpoint than
+the calibration grid's short ones, into regions whose curvature the step was not chosen for. The trained students
+of the full-rank 5-5-5-5 net (whose true parameters all have the same learning coefficient: its singularity is the
+layers' rescaling symmetry alone) and of the multiplicity-4 net at gamma 1, 3 and 10, each at the steps 0.03, 0.01
+and 0.003 / nbeta after 3 relaxation times of that step (at most 400,000 steps; fewer relaxation times are shown).
+
 Usage: python scripts/validate_llc.py is the accuracy table; this script is the sensitivity behind it:
        python scripts/llc_localization.py [--out llc-truth] [--doc docs/llc-localization.md] [--jobs 2]
-About 22 minutes here with two jobs (the third table takes 10, the fourth 6).
+About 25 minutes here with two jobs (most of it the third and fifth tables).
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ RELAXED_RUNS = [("linreg-4to2", ("n/log n", "n")), ("dln-8x3-r3", ("n/log n", "n
                 ("dln-10x4x2-r2", ("n/log n",))]
 RELAXED_LOCALIZATIONS = ["1", "3", "10", "30", "100"]
 RELAXED_MAX_BURNIN = 100_000
+# the fifth table: (case, point) at every (localization, step), relaxed for that step
+STEP_RUNS = ["dln-5x2-r5", "dln-8x3-r3"]
+STEP_LOCALIZATIONS = ["1", "3", "10"]
+STEP_SIZES = ["0.03/nbeta", "0.01/nbeta", "0.003/nbeta"]
+STEP_MAX_BURNIN = 400_000
 
 
 def sweep_rows(case: suite.Case, out: Path) -> list[dict]:
@@ -130,12 +141,12 @@ def long_chain_rows(case: suite.Case, paths: dict[str, Path], loc: str, points: 
     return [{**r, "gap": suite.truth_gap(r, baseline)} for r in rows]
 
 
-def relaxed_burnin(nbeta: float, localization: float) -> int:
+def relaxed_burnin(nbeta: float, localization: float, lr: str = DEFAULTS["lr"], cap: int | None = None) -> int:
     """Burn-in covering RELAXATION_TIMES relaxation times of a direction only the localizer holds (lambda_min taken
-    as 0, as on a singular net), at least the default's `auto` and at most RELAXED_MAX_BURNIN."""
-    eps = parse_lr(DEFAULTS["lr"], nbeta)
+    as 0, as on a singular net) at step `lr`, at least the default's `auto` and at most `cap` (RELAXED_MAX_BURNIN)."""
+    eps = parse_lr(lr, nbeta)
     needed = math.ceil(RELAXATION_TIMES * relaxation_steps(eps, localization, nbeta, 0.0))
-    return min(RELAXED_MAX_BURNIN, max(parse_burnin("auto", nbeta), needed))
+    return min(RELAXED_MAX_BURNIN if cap is None else cap, max(parse_burnin("auto", nbeta), needed))
 
 
 def relaxed_rows(case: suite.Case, paths: dict[str, Path], nbetas: tuple[str, ...]) -> list[dict]:
@@ -167,8 +178,44 @@ def relaxed_page(table: pd.DataFrame) -> str:
         nbeta = "n / log n" if nb == "n/log n" else "n"
         cells = [f"{estimate_text(r['llc'], r['sem'], r['error'])}{'' if r['healthy'] else ' ✗'} [{r['n_burnin']:,}]"
                  for _, r in g.sort_values("localization").iterrows()]
-        lines.append(f"| {case} | {point} | {r0['n']:,} | {nbeta} | {r0['truth']:.4g} | {r0['truth'] - r0['gap']:.3g} | "
+        expected = r0["truth"] - r0["gap"]
+        lines.append(f"| {case} | {point} | {r0['n']:,} | {nbeta} | {r0['truth']:.4g} | {expected:.3g} | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_rows(case: suite.Case, path: Path) -> list[dict]:
+    """The checkpoint at `path` at every STEP_LOCALIZATIONS and STEP_SIZES, each relaxed for its own step (same chain
+    seeds), with the relaxation times its burn-in covered."""
+    ctx = suite.context_for(path)
+    nbeta = parse_nbeta("n/log n", len(ctx.splits.train))
+    rows = []
+    for loc in STEP_LOCALIZATIONS:
+        for lr in STEP_SIZES:
+            burnin = relaxed_burnin(nbeta, float(loc), lr, STEP_MAX_BURNIN)
+            r = suite.estimate(ctx, {"localization": loc, "lr": lr, "burnin": burnin})
+            tau = relaxation_steps(r["lr"], r["localization"], r["nbeta"], 0.0)
+            rows.append({"case": case.name, "n": r["n"], "truth": r["llc_truth"], "localization": float(loc),
+                         "lr": lr, "n_burnin": r["n_burnin"], "relaxation_times": r["n_burnin"] / tau,
+                         "llc": r["llc_mean"], "sem": r["llc_sem"], "error": r["llc_mean"] / r["llc_truth"] - 1,
+                         "healthy": r["healthy"]})
+    return rows
+
+
+def step_page(table: pd.DataFrame) -> str:
+    """The fifth table: one row per (case, gamma), the relaxed estimate at each step."""
+    lines = ["| case | n | truth | gamma | " + " | ".join(f"step {lr} [burn-in]" for lr in STEP_SIZES) + " |",
+             "|" + "---|" * (4 + len(STEP_SIZES))]
+    for (case, loc), g in table.groupby(["case", "localization"], sort=False):
+        r0 = g.iloc[0]
+        cells = []
+        for lr in STEP_SIZES:
+            r = g[g.lr == lr].iloc[0]
+            times = r["relaxation_times"]
+            short = f", {times:.1f} relaxation times" if times < RELAXATION_TIMES else ""
+            cells.append(f"{estimate_text(r['llc'], r['sem'], r['error'])}{'' if r['healthy'] else ' ✗'} "
+                         f"[{r['n_burnin']:,}{short}]")
+        lines.append(f"| {case} | {r0['n']:,} | {r0['truth']:.4g} | {loc:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -203,7 +250,8 @@ def extrapolation_page(table: pd.DataFrame) -> str:
 
 
 def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None = None,
-         long_chains: pd.DataFrame | None = None, relaxed: pd.DataFrame | None = None) -> str:
+         long_chains: pd.DataFrame | None = None, relaxed: pd.DataFrame | None = None,
+         steps: pd.DataFrame | None = None) -> str:
     lines = ["| case | n | truth | gamma | gamma / nbeta | " + burnin_headers(BURNINS) + " |",
              "|" + "---|" * (5 + len(BURNINS))]
     for (case, loc), g in table.groupby(["case", "localization"], sort=False):
@@ -228,14 +276,18 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
             + ("" if relaxed is None else
                "\n## Relaxed chains at every localization\n\n" + " ".join(__doc__.split("\n\n")[3].split())
                + " LLC +- s.e. (error against the truth) [burn-in steps]; `truth - gap` as above, at that nbeta; each "
-               "row's runs share chain seeds.\n\n" + relaxed_page(relaxed) + "\n"))
+               "row's runs share chain seeds.\n\n" + relaxed_page(relaxed) + "\n")
+            + ("" if steps is None else
+               "\n## Relaxed chains at smaller steps\n\n" + " ".join(__doc__.split("\n\n")[4].split())
+               + " LLC +- s.e. (error against the truth) [burn-in steps]; each row's runs share chain seeds.\n\n"
+               + step_page(steps) + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:4]),
+    ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:5]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="llc-truth", help="folder of the truth suite's trained cases (reused)")
-    ap.add_argument("--doc", help="write the four tables to this markdown file (e.g. docs/llc-localization.md)")
+    ap.add_argument("--doc", help="write the five tables to this markdown file (e.g. docs/llc-localization.md)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once (default: the cores)")
     args = ap.parse_args(argv)
     doc = suite.doc_path(args.doc, "llc_localization.py")
@@ -260,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         relaxed_rows, [(by_name[name], paths[name], nbetas) for name, nbetas in RELAXED_RUNS], args.jobs)
         for row in result])
     print(relaxed_page(relaxed))
+    paths.update({name: suite.checkpoints(by_name[name], Path(args.out)) for name in STEP_RUNS})
+    steps = pd.DataFrame([row for result in suite.run_in_processes(
+        step_rows, [(by_name[name], paths[name]["trained"]) for name in STEP_RUNS], args.jobs) for row in result])
+    print(step_page(steps))
     if doc:
-        doc.write_text(page(table, time.perf_counter() - start, extrapolation, long_chains, relaxed))
+        doc.write_text(page(table, time.perf_counter() - start, extrapolation, long_chains, relaxed, steps))
         print(f"wrote {args.doc}")
     return 0
 

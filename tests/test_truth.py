@@ -171,6 +171,18 @@ def test_localization_sweep_shows_a_stronger_localization_pulling_a_singular_net
     assert truth_gaps[0] > 0 and truth_gaps[1] == pytest.approx(math.log(990) * truth_gaps[0], rel=1e-9)
     page = sweep.relaxed_page(relaxed)
     assert page.count(f"| {case.name} | truth | 990 | n |") == 1 and "gamma 100 [burn-in]" in page
+    # the fifth table: each step relaxed for itself (3 / (eps gamma): a step 3x smaller runs 3x longer), and a capped
+    # burn-in says how many relaxation times it covered
+    assert sweep.relaxed_burnin(nbeta, 3.0, "0.01/nbeta", 10**6) == math.ceil(3 / (0.01 / nbeta * 3.0)) == 14353
+    monkeypatch.setattr(sweep, "STEP_LOCALIZATIONS", ["100"])
+    monkeypatch.setattr(sweep, "STEP_SIZES", ["0.03/nbeta", "0.003/nbeta"])
+    monkeypatch.setattr(sweep, "STEP_MAX_BURNIN", 1200)
+    steps = pd.DataFrame(sweep.step_rows(case, suite.checkpoints(case, tmp_path)["trained"]))
+    assert list(steps.n_burnin) == [1000, 1200]  # 3 relaxation times at 0.03 / nbeta: 143 steps, under auto
+    tau = [1 / (c / nbeta * 100) for c in (0.03, 0.003)]  # 47.8 and 478 steps
+    assert list(steps.relaxation_times) == pytest.approx([b / t for b, t in zip(steps.n_burnin, tau)])
+    table = sweep.step_page(steps)
+    assert table.count(f"| {case.name} | 990 | 27.5 | 100 |") == 1 and "2.5 relaxation times" in table
 
 
 def test_one_scale_fit_recovers_lambda_where_every_curvature_is_alike_and_the_page_shows_each_fit(monkeypatch):

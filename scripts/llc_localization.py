@@ -258,29 +258,24 @@ def page(table: pd.DataFrame, seconds: float, extrapolation: pd.DataFrame | None
         r = g.iloc[0]
         lines.append(f"| {case} | {r['n']:,} | {r['truth']:.4g} | {loc:g} | {r['loc_per_nbeta']:.2g} | "
                      + " | ".join(burnin_cell(g[g.burnin == str(b)].iloc[0], b) for b in BURNINS) + " |")
+    sections = [("A strong localization corrected back", 1, "The trained students; LLC +- s.e. (error against the "
+                  "truth); the fits' inputs share chain seeds.", extrapolation, extrapolation_page),
+                ("Long chains", 2, "LLC +- s.e. (error against the truth) and `drift`; `truth - gap` is where the "
+                 "estimate at the true parameter is expected (validate_llc.py); each row's runs share chain seeds.",
+                 long_chains, long_chain_page),
+                ("Relaxed chains at every localization", 3, "LLC +- s.e. (error against the truth) [burn-in steps]; "
+                 "`truth - gap` as above, at that nbeta; each row's runs share chain seeds.", relaxed, relaxed_page),
+                ("Relaxed chains at smaller steps", 4, "LLC +- s.e. (error against the truth) [burn-in steps]; each "
+                 "row's runs share chain seeds.", steps, step_page)]
     return ("# How the LLC estimate moves with the localization and the burn-in\n\n"
             "Written by `scripts/llc_localization.py` (do not edit by hand). " + __doc__.split("\n\n")[0]
             .replace("\n", " ") + f" Whole run: {seconds / 60:.1f} min on this machine.\n\n"
             "Each cell: LLC +- s.e. (error against the truth); ✗ marks an estimate the estimator itself flags "
             "(`healthy` false). Every setting of a case runs the same chain seeds (common random numbers), so the "
-            "differences down a column are the localization's, not the chains' noise.\n\n" + "\n".join(lines)
-            + "\n" + ("" if extrapolation is None else
-                      "\n## A strong localization corrected back\n\n" + " ".join(__doc__.split("\n\n")[1].split())
-                      + " The trained students; LLC +- s.e. (error against the truth); the fits' inputs share chain "
-                      "seeds.\n\n" + extrapolation_page(extrapolation) + "\n")
-            + ("" if long_chains is None else
-               "\n## Long chains\n\n" + " ".join(__doc__.split("\n\n")[2].split())
-               + " LLC +- s.e. (error against the truth) and `drift`; `truth - gap` is where the estimate at the true "
-               "parameter is expected (validate_llc.py); each row's runs share chain seeds.\n\n"
-               + long_chain_page(long_chains) + "\n")
-            + ("" if relaxed is None else
-               "\n## Relaxed chains at every localization\n\n" + " ".join(__doc__.split("\n\n")[3].split())
-               + " LLC +- s.e. (error against the truth) [burn-in steps]; `truth - gap` as above, at that nbeta; each "
-               "row's runs share chain seeds.\n\n" + relaxed_page(relaxed) + "\n")
-            + ("" if steps is None else
-               "\n## Relaxed chains at smaller steps\n\n" + " ".join(__doc__.split("\n\n")[4].split())
-               + " LLC +- s.e. (error against the truth) [burn-in steps]; each row's runs share chain seeds.\n\n"
-               + step_page(steps) + "\n"))
+            "differences down a column are the localization's, not the chains' noise.\n\n" + "\n".join(lines) + "\n"
+            + "".join(f"\n## {title}\n\n" + " ".join(__doc__.split("\n\n")[paragraph].split()) + f" {caption}\n\n"
+                      + table_page(rows) + "\n"
+                      for title, paragraph, caption, rows, table_page in sections if rows is not None))
 
 
 def main(argv: list[str] | None = None) -> int:

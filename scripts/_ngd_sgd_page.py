@@ -178,7 +178,7 @@ def write_doc(path: Path, description: str, study, tables, family, cut, settings
         f"Study arguments: `{json.dumps(study[0])}`; data `{json.dumps(study[1])}`.",
         "",
         f"- LLC, calibrated setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch "
-        f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {study[2]['num_draws']} draws after "
+        f"{args.llc_batch_size}; {study[2]['num_chains']} chains x {settings['calibrated']['n_draws']} draws after "
         f"{settings['calibrated']['n_burnin']} burn-in; nbeta = n / log n; "
         + f"epochs {args.llc_epochs} (--llc-epochs).",
         f"- LLC, the study's setting: eps {study[2]['sampler_lr']:g}, "

@@ -43,6 +43,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -97,11 +98,22 @@ def strongest_localization(localizations: str, cut_ckpt: Path, data_root: str | 
     return max(grid, key=lambda t: parse_localization(t, parse_nbeta("n/log n", n)))
 
 
+class LLCSetting(NamedTuple):
+    """The LLC's setting at every checkpoint: step, localization, burn-in, why this one, and the draws per chain
+    (None: the study's; calibrate's recommendation has its own where its step check moved it to a smaller step, which
+    runs 3x the draws for the same sampling time)."""
+    lr: str
+    localization: str
+    burnin: int | str
+    why: str
+    draws: int | None = None
+
+
 def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path, localizations: str,
-                       data_root: str | None = None) -> tuple[str, str, int, str]:
-    """Step, localization and burn-in: calibrate's recommendation at the cut-off; when none qualified, the
-    setting validated on a truth model of the model's size (the defaults; on a large model SCALE_FALLBACK's step
-    and burn-in at the strongest of the calibration grid's `localizations`)."""
+                       data_root: str | None = None) -> LLCSetting:
+    """calibrate's recommendation at the cut-off; when none qualified, the setting validated on a truth model of the
+    model's size (the defaults; on a large model SCALE_FALLBACK's step and burn-in at the strongest of the
+    calibration grid's `localizations`)."""
     import analyze
     from analyze.estimators.llc import DEFAULTS
     from analyze.llc.calibration_table import recommended_setting
@@ -111,16 +123,17 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path, 
     if calibration is not None:
         setting = recommended_setting(calibration[(calibration.run == run_name) & (calibration.epoch == cut)])
         if setting:
-            burnin = setting["burnin"] if setting["burnin"] is not None else DEFAULTS["burnin"]
-            return setting["lr"], setting["localization"], burnin, "calibrate's recommendation"
+            confirmed = setting["burnin"] is not None
+            return LLCSetting(setting["lr"], setting["localization"], setting["burnin"] if confirmed else
+                              DEFAULTS["burnin"], "calibrate's recommendation", setting["draws"] if confirmed else None)
     parameters = sum(t.numel() for t in read_checkpoint(cut_ckpt).tensors.values())
     if parameters >= LARGE_MODEL:
         (lr, burnin), strongest = SCALE_FALLBACK, strongest_localization(localizations, cut_ckpt, data_root)
-        return (lr, strongest, burnin, f"no calibrated setting qualified: on this {parameters:,}-parameter model the "
+        return LLCSetting(lr, strongest, burnin, f"no calibrated setting qualified: on this {parameters:,}-parameter model the "
                 f"step and burn-in that hold a 268,800-parameter deep linear net's chains in the basin "
                 f"(docs/llc-validation-scale.md), at the calibration grid's strongest localization, gamma {strongest}")
-    return (DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
-            "no calibrated setting qualified: the validated defaults")
+    return LLCSetting(DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
+                      "no calibrated setting qualified: the validated defaults")
 
 
 def cutoff_lambda_min(tables: dict, run_name: str, cut: int, cut_ckpt: Path, args) -> float:
@@ -164,21 +177,22 @@ def comparisons(tables: dict, family: str, cut: int, llc_filter: dict) -> dict[s
     return out
 
 
-def llc_setting(args, analysis: Path, family: str, cut: int, cut_ckpt: Path) -> tuple[str, str, int, str]:
+def llc_setting(args, analysis: Path, family: str, cut: int, cut_ckpt: Path) -> LLCSetting:
     """The calibrated setting (calibrated_setting), or what --llc-lr/--llc-localization/--llc-burnin give."""
-    lr, loc, burnin, why = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt,
-                                              args.calibration_localizations, args.data_root)
+    lr, loc, burnin, why, draws = calibrated_setting(analysis, f"{family}-trunk", cut, cut_ckpt,
+                                                     args.calibration_localizations, args.data_root)
     if args.llc_lr or args.llc_localization or args.llc_burnin is not None:  # the calibration's table stays
         why = (f"given with --llc-lr/--llc-localization/--llc-burnin; calibrate's pick: eps {lr}, gamma {loc}, "
-               f"burn-in {burnin} ({why})")
+               f"burn-in {burnin}" + (f", {draws} draws" if draws else "") + f" ({why})")
         lr, loc = args.llc_lr or lr, args.llc_localization or loc
         burnin = args.llc_burnin if args.llc_burnin is not None else burnin
-    return lr, loc, burnin, why
+        draws = None  # the study's
+    return LLCSetting(lr, loc, burnin, why, draws)
 
 
 def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Path, data: list[str],
-           common: list[str], timings: dict, log: Path) -> tuple[str, str, int, str]:
-    """Train, calibrate, and run the estimators; return the calibrated LLC setting (lr, loc, burn-in, why).
+           common: list[str], timings: dict, log: Path) -> LLCSetting:
+    """Train, calibrate, and run the estimators; return the calibrated LLC setting.
 
     The calibration needs only the cut-off checkpoint: it starts as soon as the trunk has written it and runs
     in the background alongside the branches' training, the Hessian stage and the study's-setting LLC (which
@@ -227,16 +241,18 @@ def stages(args, out: Path, study: list, family: str, ckpts: Path, analysis: Pat
     finally:
         if calibrating is not None and calibrating.running():  # this script failed or was interrupted
             calibrating.process.terminate()
-    lr, loc, burnin, why = llc_setting(args, analysis, family, cut, cut_ckpt)
-    print(f"LLC setting: eps {lr}, gamma {loc} ({why}); control-variate gradients, batch {args.llc_batch_size}, "
-          f"{sampler['num_chains']} chains x {sampler['num_draws']} draws after {burnin} burn-in")
+    setting = llc_setting(args, analysis, family, cut, cut_ckpt)
+    draws = setting.draws or sampler["num_draws"]
+    print(f"LLC setting: eps {setting.lr}, gamma {setting.localization} ({setting.why}); control-variate gradients, "
+          f"batch {args.llc_batch_size}, {sampler['num_chains']} chains x {draws} draws after {setting.burnin} burn-in")
     with stage(f"LLC at the calibrated setting, epochs {args.llc_epochs}", timings, log):
-        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", *llc_options, "--llc-burnin", str(burnin),
-             "--llc-lr", lr, "--llc-localization", loc, "--llc-batch-size", args.llc_batch_size, "--no-report",
+        run([bin_path("analyze"), str(ckpts), "--estimators", "llc", "--llc-chains", str(sampler["num_chains"]),
+             "--llc-draws", str(draws), "--llc-burnin", str(setting.burnin), "--llc-lr", setting.lr,
+             "--llc-localization", setting.localization, "--llc-batch-size", args.llc_batch_size, "--no-report",
              "--epochs", args.llc_epochs, *common])
     with stage("report", timings, log):
         run([bin_path("analyze"), str(ckpts), "--estimators", "evaluate", *common])
-    return lr, loc, burnin, why
+    return setting
 
 
 def main() -> int:
@@ -299,11 +315,11 @@ def main() -> int:
     if args.doc_only:
         if not (analysis / "llc").is_dir():
             raise SystemExit(f"{PROG}: --doc-only: {analysis} holds no finished analysis; run without it first")
-        lr, loc, burnin, why = llc_setting(args, analysis, family, cut, cut_ckpt)
+        lr, loc, burnin, why, draws = llc_setting(args, analysis, family, cut, cut_ckpt)
     else:
         began = time.perf_counter()
         try:
-            lr, loc, burnin, why = stages(args, out, study, family, ckpts, analysis, data, common, timings, log)
+            lr, loc, burnin, why, draws = stages(args, out, study, family, ckpts, analysis, data, common, timings, log)
         finally:  # an interrupted invocation's time counts too: a rerun resumes its work
             record(_stages.WALL, time.perf_counter() - began, timings, log)
     study_lr, study_loc = f"{sampler['sampler_lr']:g}", f"{sampler['localization']:g}"
@@ -316,7 +332,7 @@ def main() -> int:
         auto = llc[llc.burnin_option == "auto"] if "burnin_option" in llc else llc.iloc[:0]
         burnin = int(auto.n_burnin.iloc[0]) if len(auto) else burnin
     settings = {"calibrated": {"lr_option": lr, "localization_option": loc, "gradient": "control-variate",
-                               "n_burnin": burnin},
+                               "n_burnin": burnin, "n_draws": draws or sampler["num_draws"]},
                 "study's": {"lr_option": study_lr, "localization_option": study_loc, "gradient": "minibatch",
                             "n_burnin": STUDY_BURNIN}}
     lines, sections = [], []

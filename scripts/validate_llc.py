@@ -122,7 +122,7 @@ def calibrated(ctx, options: dict, grid: dict | None = None) -> dict:
     row = confirmed.iloc[0].to_dict()
     row["wall_seconds"] = time.perf_counter() - start
     row["setting"] = (f"lr {row['lr_option']}, loc {row['localization_option']}, burn-in {row['n_burnin']}, "
-                      f"{row['n_chains']} chains"
+                      f"{row['n_draws']} draws, {row['n_chains']} chains"
                       + (" (scale grid)" if grid else ""))
     row["plateau"] = plateau
     return row

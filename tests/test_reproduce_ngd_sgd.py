@@ -92,8 +92,8 @@ def test_without_a_confirmed_setting_a_large_model_falls_back_to_the_grids_stron
     no_calibration = tmp_path / "analysis"
     no_calibration.mkdir()
     # digits' training split: nbeta = n / log n is between 100 and 300, so 30*nbeta > 3000 > 2*nbeta
-    lr, loc, burnin, why = script.calibrated_setting(no_calibration, "run", 1, ckpt, "2*nbeta,3000,30*nbeta")
-    assert (lr, loc, burnin) == (script.SCALE_FALLBACK[0], "30*nbeta", script.SCALE_FALLBACK[1])
+    lr, loc, burnin, why, draws = script.calibrated_setting(no_calibration, "run", 1, ckpt, "2*nbeta,3000,30*nbeta")
+    assert (lr, loc, burnin, draws) == (script.SCALE_FALLBACK[0], "30*nbeta", script.SCALE_FALLBACK[1], None)
     assert "gamma 30*nbeta" in why and "no calibrated setting qualified" in why
     assert script.calibrated_setting(no_calibration, "run", 1, ckpt, "2*nbeta,3000")[1] == "3000"
 

@@ -28,7 +28,11 @@ can miss a slow rise), and is recommended with the burn-in that settled it, or s
 localization's pick. A pick must also have relaxed: its burn-in must cover RELAXATION_TIMES relaxation times of the
 flattest direction (relaxation_steps = 1/(eps (gamma + nbeta max(lambda_min, 0))): where only the localizer holds a
 direction, the chains spread along it that slowly, and the drift test cannot see it), or agree with a run that does
-(`relaxed`); a localization too weak to relax within the longest confirmation run is set aside unrun. Where the
+(`relaxed`); a localization too weak to relax within the longest confirmation run is set aside unrun. Then the step:
+relaxed chains roam further than the grid's short ones, into regions where the grid's step can be too large, so the
+relaxed pick runs once more at a third of its step, relaxed too (3x the burn-in and draws); where the two agree the pick stands,
+where they do not the smaller step replaces it and is checked in turn, up to STEP_CHECKS smaller steps within 27x
+the study's burn-in, the smallest recommended when none agrees (`step_plateau`). Where the
 standard error is above `precision` of the LLC, it runs once more with the chains that bring it there
 (`more_chains`), and those are recommended too. Every row also carries the Hessian's smallest
 eigenvalue at the checkpoint and the localization margin gamma + nbeta lambda_min: where it is negative the
@@ -51,6 +55,7 @@ from tqdm.auto import tqdm
 from analyze.catalog import CheckpointInfo
 from analyze.estimators.base import Context
 from analyze.estimators.llc import LLCEstimator, parse_burnin, parse_lr, parse_nbeta
+from analyze.llc.calibration_table import SMALLER_STEP
 from analyze.llc.statistics import healthy
 from analyze.llc.stability import (STABLE_STEP, bottom_hessian_eigenvalue, localization_margin, relaxation_steps,
                                    top_hessian_eigenvalue)
@@ -73,6 +78,7 @@ RELAXATION_TIMES = 3
 PRECISION = 0.05  # standard error / LLC a confirmed recommendation should reach (more chains where it does not)
 MAX_CHAINS = 16  # at most this many chains for it (16 chains x 1,000 draws cost four times the default's 4)
 EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when its smallest step has no plateau
+STEP_CHECKS = 2  # at most this many smaller steps while the check disagrees (within 27x the study's burn-in after one)
 DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
 
 
@@ -185,11 +191,14 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
             print(f"calibration: confirming eps {chosen.lr_option}, gamma {chosen.localization_option} at "
                   f"{study['chains']} chains x {study['draws']} draws", file=sys.stderr)
 
-        def run_pick(options: dict, seed_block: int, attempts: int = CONFIRM_RUNS) -> list[dict]:
-            """The pick at the study's length with `options` on top, chain seeds of their own per block and run."""
-            return settled_point(ctx, chosen.lr_option, chosen.localization_option, chosen.nbeta_option,
+        def run_pick(options: dict, seed_block: int, attempts: int = CONFIRM_RUNS, check: str = "study length",
+                     lr: str = chosen.lr_option) -> list[dict]:
+            """The pick (at step `lr`) at the study's length with `options` on top, chain seeds of their own per
+            block and run; each row says which `check` it was run for."""
+            rows = settled_point(ctx, lr, chosen.localization_option, chosen.nbeta_option,
                                  {**common, **study, **options}, attempts,
                                  common.get("seed", 0) * 1009 + seed_block * 104729 + len(runs), lambda_max)
+            return [{**row, "check": check} for row in rows]
 
         attempts = run_pick({}, 1)
         if shorter_and_disagreeing(attempts[-1], chosen):
@@ -202,10 +211,13 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                       f"{short['llc_sem']:.2g}) does not agree with the grid's ({chosen.llc_mean:.3g} +- "
                       f"{chosen.llc_sem:.2g}) after {chosen.n_burnin}; confirming at {chosen.n_burnin}",
                       file=sys.stderr)
-            attempts += run_pick({"burnin": int(chosen.n_burnin)}, 3)
+            attempts += run_pick({"burnin": int(chosen.n_burnin)}, 3, check="grid burn-in")
         pick = len(attempts) - 1 if attempts[-1]["healthy"] else None
         if pick is not None:
             pick, attempts = relaxed(attempts, run_pick, lambda_min, progress)
+        if pick is not None:
+            pick, attempts = step_plateau(attempts, pick, run_pick, lambda_min, SETTLE_BURNIN * longest_burnin,
+                                          progress)
         runs += confirmation_rows(attempts, pick)
         if pick is not None:
             grid.loc[best, "recommended"] = True
@@ -216,14 +228,16 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                     print(f"calibration: standard error {chosen_run['llc_sem']:.2g} is above {precision:g} of the "
                           f"LLC; running {chains} chains", file=sys.stderr)
                 # more chains test the drift with more power: still settling, they get a longer burn-in too
-                precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"]}, 7)
+                precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"]}, 7, check="chains",
+                                   lr=chosen_run["lr_option"])
                 if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
                     for row in runs:
                         row["recommended"] = False
                 runs += confirmation_rows(precise, len(precise) - 1 if precise[-1]["healthy"] else None)
             break
         set_aside.add((chosen.nbeta_option, chosen.localization_option))
-    out = pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid
+    out = pd.concat([grid, pd.DataFrame(runs)], ignore_index=True) if runs else grid.assign(check="")
+    out["check"] = out["check"].fillna("")  # grid rows: no confirmation check
     out.attrs["unrelaxed"] = unrelaxed  # localizations set aside unrun: too slow to relax at the longest burn-in
     return out
 
@@ -250,18 +264,60 @@ def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -
     if progress:
         print(f"calibration: {settled['n_burnin']} burn-in steps are under {RELAXATION_TIMES} relaxation times "
               f"({math.ceil(needed):,} steps); checking the estimate there", file=sys.stderr)
-    longer = run_pick({"burnin": math.ceil(needed)}, 5, attempts=1)[-1]
+    longer = run_pick({"burnin": math.ceil(needed)}, 5, attempts=1, check="relaxation")[-1]
     attempts = attempts + [longer]
     if not longer["healthy"]:
         return None, attempts
     return (len(attempts) - 2 if agree(settled, longer) else len(attempts) - 1), attempts
 
 
+def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, longest_burnin: float,
+                 progress: bool) -> tuple[int | None, list[dict]]:
+    """Is the relaxed pick attempts[pick] on a step plateau? It runs once more at a third of its step, relaxed too
+    (SMALLER_STEP x the burn-in and draws: the same relaxation times and sampling time), and where the two agree the pick stands (the
+    larger step costs the study a third of the steps); where they do not, the smaller step replaces it and is checked
+    in turn, up to STEP_CHECKS smaller steps while that run's burn-in stays within `longest_burnin`. Returns the index
+    of the run to recommend (None: a smaller step's chains were unhealthy, so there is no evidence of a plateau) and
+    the attempts with the step checks; each carries the LLC of the step it checked and whether it agrees with it.
+
+    The grid judges the step on short chains: relaxed chains roam further from the checkpoint, into regions whose
+    curvature the step was not chosen for, and there the grid's step can be too large. Relaxed, the multiplicity-4
+    deep linear net's student at n = 59,940 gave +13% of the truth at 0.03/nbeta and -3% at 0.01/nbeta (gamma 10),
+    and the full-rank 5-5-5-5 net's +29% and +0% at gamma 3 (docs/llc-localization.md, fifth table). Where the
+    last smaller step affordable still disagrees, it is recommended: the step's bias falls with the step."""
+    checked = 0
+    while True:
+        current = attempts[pick]
+        burnin = SMALLER_STEP * max(int(current["n_burnin"]), math.ceil(relaxation_burnin(current, lambda_min)))
+        if checked == STEP_CHECKS or (checked and burnin > longest_burnin):
+            if progress:
+                print(f"calibration: no step plateau within {STEP_CHECKS} smaller steps and {longest_burnin:,.0f} "
+                      f"burn-in steps; recommending the smallest step run, {current['lr_option']} (the step's bias "
+                      "falls with the step)", file=sys.stderr)
+            return pick, attempts
+        lr = f"{current['lr_nbeta'] / SMALLER_STEP:.2g}/nbeta"
+        if progress:
+            print(f"calibration: checking the step {current['lr_option']} against {lr}, relaxed ({burnin:,} burn-in "
+                  "steps)", file=sys.stderr)
+        # equal sampling time, as on the grid: at the study's draws the smaller step's chains mix over a third of
+        # the time, and R-hat fails on a regular model where nothing is wrong
+        draws = SMALLER_STEP * int(current["n_draws"])
+        smaller = run_pick({"burnin": burnin, "draws": draws}, 11 + checked, attempts=1, check="step", lr=lr)[-1]
+        smaller.update(llc_at_larger_step=current["llc_mean"],
+                       agrees_with_larger_step=bool(smaller["healthy"]) and agree(smaller, current))
+        attempts = attempts + [smaller]
+        if not smaller["healthy"]:
+            return None, attempts
+        if smaller["agrees_with_larger_step"]:
+            return pick, attempts
+        pick, checked = len(attempts) - 1, checked + 1
+
+
 def confirmation_rows(attempts: list[dict], recommended: int | None) -> list[dict]:
     """Calibration rows of confirmation runs, attempts[recommended] marked recommended (the caller may replace it
-    with a run of more chains); no plateau test."""
-    return [{**row, "stage": "confirmation", "recommended": i == recommended,
-             "llc_at_larger_step": math.nan, "agrees_with_larger_step": False} for i, row in enumerate(attempts)]
+    with a run of more chains); the plateau test only where a step check made one."""
+    return [{"llc_at_larger_step": math.nan, "agrees_with_larger_step": False, **row, "stage": "confirmation",
+             "recommended": i == recommended} for i, row in enumerate(attempts)]
 
 
 def shorter_and_disagreeing(confirmed: dict, grid_row) -> bool:

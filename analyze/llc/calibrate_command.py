@@ -4,6 +4,7 @@ printed plateau and recommendation. The calibration itself: analyze/llc/calibrat
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="first burn-in of the confirmation run: a whole number, or 'auto' as the llc estimator's "
                          "(grows as sqrt(nbeta)); 9x it is the longest confirmation run, and a localization whose "
                          "flattest direction needs more to relax (3 x 1/(eps (gamma + nbeta max(lambda_min, 0)))) is "
-                         "set aside (default: %(default)s)")
+                         "set aside; the relaxed pick's step check (a third of the step) runs 3x its burn-in and draws, "
+                         "and a second check within 27x (default: %(default)s)")
     ap.add_argument("--precision", type=float, default=PRECISION,
                     help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
                          f"confirmation run's is larger, it runs again with the chains that bring it there (at most "
@@ -165,17 +167,21 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
     confirmations = table[table["stage"] == "confirmation"] if "stage" in table else table.iloc[:0]
     if len(confirmations):
         print("\nconfirmation at the study's length (the grid's pick, run again with its chains and draws; where its "
-              "burn-in is under 3 relaxation times, once more at 3, and the shorter recommended if the two agree):")
-        print(confirmations[columns + ["relaxation_steps", "recommended"]].to_string(index=False,
-                                                                                   float_format=number))
+              "burn-in is under 3 relaxation times, once more at 3, the shorter recommended if the two agree; then "
+              "at a third of the step, relaxed too, the smaller step recommended where the two disagree):")
+        print(confirmations[["check"] + columns + ["relaxation_steps", "agrees_with_larger_step", "recommended"]]
+              .to_string(index=False, float_format=number))
     setting = recommended_setting(table)
     if setting:
         sampler = "" if grid.sampler.iloc[0] == "sgld" else f" --llc-sampler {grid.sampler.iloc[0]}"
         burnin = f" --llc-burnin {setting['burnin']}" if setting["burnin"] is not None else ""
-        burnin += f" --llc-chains {setting['chains']}" if setting["chains"] is not None else ""
+        burnin += (f" --llc-draws {setting['draws']} --llc-chains {setting['chains']}"
+                   if setting["chains"] is not None else "")
+        smaller = (f"; at a third of the step, relaxed: {setting['llc_at_smaller_step']:.3g}"
+                   if math.isfinite(setting["llc_at_smaller_step"]) else "")
         print(f"\nrecommended:{sampler} --llc-lr {setting['lr']} --llc-localization {setting['localization']} "
               f"--llc-nbeta '{setting['nbeta']}'{burnin}   (LLC {setting['llc_mean']:.3g} +- {setting['llc_sem']:.2g}; "
-              f"at the next larger step: {setting['llc_at_larger_step']:.3g})")
+              f"at the next larger step: {setting['llc_at_larger_step']:.3g}" + smaller + ")")
     elif grid.not_at_minimum.all():
         print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
               f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "

@@ -3,7 +3,12 @@ plateau as text, and the recommended setting. Running the calibration: analyze/l
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
+
+SMALLER_STEP = 3  # calibrate's step check on its confirmed pick: a step this many times smaller, relaxed as long
 
 
 def grid_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -32,8 +37,19 @@ def recommended_setting(table: pd.DataFrame) -> dict | None:
     stage = rec["stage"] if "stage" in rec else pd.Series("grid", index=rec.index)
     confirmed = rec[stage == "confirmation"]
     r = (confirmed if len(confirmed) else rec).iloc[-1]
+    # a confirmed pick that moved to a smaller step was checked against the larger one; otherwise the grid's neighbour
+    larger = r.llc_at_larger_step if len(confirmed) and pd.notna(r.llc_at_larger_step) else rec.iloc[0].llc_at_larger_step
     return {"lr": str(r.lr_option), "localization": str(r.localization_option), "nbeta": str(r.nbeta_option),
             "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
             "chains": int(r.n_chains) if len(confirmed) else None,
-            "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem),
-            "llc_at_larger_step": float(rec.iloc[0].llc_at_larger_step)}
+            "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem), "llc_at_larger_step": float(larger),
+            "llc_at_smaller_step": step_check(table, r)}
+
+
+def step_check(table: pd.DataFrame, row) -> float:
+    """The LLC of the relaxed run at a third of `row`'s step that checked it (calibrate's step plateau), or NaN."""
+    if "check" not in table:
+        return math.nan
+    checks = table[(table["check"] == "step") & np.isclose(table.lr_nbeta * SMALLER_STEP, row.lr_nbeta, rtol=0.05)
+                   & (table.localization_option == row.localization_option)]
+    return float(checks.llc_mean.iloc[-1]) if len(checks) else math.nan

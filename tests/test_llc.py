@@ -268,18 +268,20 @@ def test_calibration_finds_the_truth_at_equal_sampling_time():
     full = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1000", "1"],
                      nbetas=["n/log n"], common=dict(chains=4, draws=300, burnin=100, batch_size="0"),
                      progress=False, study=study, precision=0)
-    # the pick ran once more at the study's length, was healthy there, and is recommended with that burn-in; a run
-    # at a third of its step with 3x the burn-in agrees with it (the step plateau of relaxed chains)
+    # the pick ran once more at the study's length and was healthy there; a run at a third of its step with 3x the
+    # burn-in and draws agrees with it (the step plateau of relaxed chains) and is recommended with its lengths
     confirmation = full[full.stage == "confirmation"]
     assert list(confirmation.check) == ["study length", "step"] and confirmation.healthy.all()
-    assert list(confirmation.recommended) == [True, False]
+    assert list(confirmation.recommended) == [False, True]
     assert (confirmation.n_chains.iloc[0], confirmation.n_draws.iloc[0]) == (4, 400)
     step = confirmation.iloc[1]
     assert (step.lr_option, step.n_burnin, step.n_draws) == ("0.011/nbeta", 300, 1200)  # 3x: equal time
     assert step.llc_at_larger_step == confirmation.llc_mean.iloc[0] and step.agrees_with_larger_step
     setting = recommended_setting(full)
-    assert (setting["lr"], setting["localization"], setting["burnin"]) == ("0.033/nbeta", "1", 100)
-    assert abs(setting["llc_mean"] - 5) < 0.15 * 5 and setting["llc_at_smaller_step"] == step.llc_mean
+    assert (setting["lr"], setting["localization"], setting["burnin"], setting["draws"]) == ("0.011/nbeta", "1", 300,
+                                                                                             1200)
+    assert abs(setting["llc_mean"] - 5) < 0.15 * 5 and setting["llc_at_larger_step"] == step.llc_at_larger_step
+    assert math.isnan(setting["llc_at_smaller_step"])  # nothing checked the recommended step in turn
     table = full[full.stage == "grid"]
     time_budget = table.n_draws * table.lr_nbeta
     assert np.allclose(time_budget, time_budget.iloc[0], rtol=0.02)  # a 3x smaller step runs 3x longer
@@ -331,14 +333,14 @@ def test_calibration_confirms_with_the_chains_its_precision_needs():
     ctx = linear_regression_context(10)
     full = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1"], nbetas=["n/log n"],
                      common=dict(chains=4, draws=300, burnin=100, batch_size="0"), progress=False,
-                     study=dict(chains=2, draws=400, burnin=300), precision=0.02)
+                     study=dict(chains=2, draws=400, burnin=300), precision=0.002)
     confirmation = full[full.stage == "confirmation"]
     assert list(confirmation.check) == ["study length", "step", "chains"] and confirmation.healthy.all()
-    first, precise = confirmation.iloc[0], confirmation.iloc[2]
-    assert confirmation.iloc[1].agrees_with_larger_step  # the step check kept the pick's step
-    assert first.llc_sem > 0.02 * first.llc_mean  # two chains are not precise enough for 2%
-    assert precise.n_chains == more_chains(first.to_dict(), 0.02) > 2
-    assert (precise.n_draws, precise.n_burnin, precise.lr_option) == (400, first.n_burnin, first.lr_option)
+    first, precise = confirmation.iloc[1], confirmation.iloc[2]
+    assert first.agrees_with_larger_step  # the step check is the pick
+    assert first.llc_sem > 0.002 * first.llc_mean  # two chains are not precise enough for 0.2%
+    assert precise.n_chains == more_chains(first.to_dict(), 0.002) > 2
+    assert (precise.n_draws, precise.n_burnin, precise.lr_option) == (first.n_draws, first.n_burnin, first.lr_option)
     assert list(confirmation.recommended) == [False, False, True]
     setting = recommended_setting(full)
     assert (setting["chains"], setting["llc_sem"]) == (precise.n_chains, precise.llc_sem)
@@ -453,8 +455,8 @@ def test_a_confirmation_that_disagrees_with_its_grid_point_runs_again_at_the_gri
     confirmation = table[table.stage == "confirmation"]
     assert list(confirmation.check) == ["study length", "grid burn-in", "step"]
     assert list(confirmation.n_burnin) == [100, 900, 2700] and confirmation.healthy.all()
-    assert list(confirmation.recommended) == [False, True, False]
-    assert abs(confirmation.llc_mean.iloc[1] - 5) < 0.15 * 5
+    assert list(confirmation.recommended) == [False, False, True]  # the step check at the grid point's burn-in x 3
+    assert abs(confirmation.llc_mean.iloc[1] - 5) < 0.15 * 5 and abs(confirmation.llc_mean.iloc[2] - 5) < 0.15 * 5
     assert shorter_and_disagreeing(confirmation.iloc[0], grid.iloc[0])
     # a grid point the confirmation agrees with: one run, at the study's burn-in
     agreeing = grid.assign(llc_mean=confirmation.llc_mean.iloc[0], llc_sem=confirmation.llc_sem.iloc[0])
@@ -482,8 +484,8 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     """Where only the localizer holds a direction, the chains' spread along it relaxes in 1/(eps gamma) steps. On a
     linear regression with 4 dead inputs (lambda_min = 0, LLC 3): gamma 1 would need 3 x 1/(eps gamma) burn-in
     steps, beyond the 9 x 100 confirm runs at most, so it is set aside unrun; gamma 10's pick runs at the study's
-    100 burn-in steps and once more at 3 relaxation times, the two agree (the dead weights do not move the loss),
-    and the shorter is recommended."""
+    100 burn-in steps and once more at 3 relaxation times, the two agree (the dead weights do not move the loss), so
+    the shorter stands and is checked at a third of its step (relaxed), which agrees and is recommended."""
     from analyze.llc.calibrate import RELAXATION_TIMES, confirm
     from analyze.llc.stability import relaxation_steps
 
@@ -512,9 +514,11 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     assert 100 < needed <= 900 and RELAXATION_TIMES / (eps * 1) > 900
     assert set(confirmation.localization_option) == {"10"}  # gamma 1 was set aside without a run
     assert list(confirmation.n_burnin) == [100, needed, 3 * needed] and confirmation.healthy.all()
-    assert list(confirmation.recommended) == [True, False, False]  # they agree: the shorter burn-in is recommended
-    # the step check at a third of the step covers as many relaxation times (3x the longer burn-in) and agrees
+    # the step check at a third of the step covers as many relaxation times (3x the longer burn-in), agrees with the
+    # shorter run (which agrees with the relaxed one) and is recommended
     assert confirmation.check.iloc[2] == "step" and confirmation.agrees_with_larger_step.iloc[2]
+    assert confirmation.llc_at_larger_step.iloc[2] == confirmation.llc_mean.iloc[0]
+    assert list(confirmation.recommended) == [False, False, True]
     assert abs(confirmation.llc_mean.iloc[0] - 3) < 0.15 * 3
     assert list(table[table.stage == "grid"].recommended) == [False, True]
     # with gamma 1 alone there is nothing to recommend
@@ -552,8 +556,9 @@ def test_a_confirmation_that_disagrees_with_its_relaxed_run_is_replaced_by_it():
 def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step():
     """A relaxed pick runs once more at a third of its step (3x the burn-in and draws). One that cannot be right (it
     claims 50 +- 0.1 where the LLC is 3) disagrees with that run, which replaces it and is checked in turn at a third
-    of its own step: those two agree, and the first smaller step is recommended. Where the second check would pass
-    the longest burn-in, the first smaller step is recommended unchecked; one that agrees at once stands."""
+    of its own step: those two agree, and the smaller of the two is recommended. Where the second check would pass
+    the longest burn-in, the first smaller step is recommended unchecked; a pick on the plateau is recommended at the
+    step of its first check, which agrees."""
     from analyze.llc.calibrate import step_plateau, settled_point
 
     ctx = with_dead_inputs(linear_regression_context(10), 4)
@@ -568,7 +573,7 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step():
     wrong = {"lr": 0.3 / nbeta, "lr_nbeta": 0.3, "lr_option": "0.3/nbeta", "localization": 30.0, "nbeta": nbeta,
              "n_burnin": 300, "n_draws": 300, "healthy": True, "llc_mean": 50.0, "llc_sem": 0.1, "check": "relaxation"}
     pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 10_000, progress=False)
-    assert pick == 1 and [a["check"] for a in attempts] == ["relaxation", "step", "step"]
+    assert pick == 2 and [a["check"] for a in attempts] == ["relaxation", "step", "step"]
     assert [a["lr_option"] for a in attempts] == ["0.3/nbeta", "0.1/nbeta", "0.033/nbeta"]
     assert [a["n_burnin"] for a in attempts] == [300, 900, 2700] and [a["n_draws"] for a in attempts] == [300, 900, 2700]
     assert [a["agrees_with_larger_step"] for a in attempts[1:]] == [False, True]
@@ -577,10 +582,10 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step():
     # the second check would need 2,700 burn-in steps: beyond 2,000 the smaller step is recommended unchecked
     pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 2_000, progress=False)
     assert pick == 1 and len(attempts) == 2
-    # a pick on the plateau stands after one check
+    # a pick on the plateau: its check agrees at once, and is recommended (the smaller step bias)
     right = {**wrong, "llc_mean": attempts[1]["llc_mean"], "llc_sem": attempts[1]["llc_sem"]}
     pick, attempts = step_plateau([right], 0, run_pick, lambda_min, 10_000, progress=False)
-    assert pick == 0 and len(attempts) == 2 and attempts[1]["agrees_with_larger_step"]
+    assert pick == 1 and len(attempts) == 2 and attempts[1]["agrees_with_larger_step"]
 
 
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):

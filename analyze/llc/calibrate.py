@@ -30,9 +30,10 @@ flattest direction (relaxation_steps = 1/(eps (gamma + nbeta max(lambda_min, 0))
 direction, the chains spread along it that slowly, and the drift test cannot see it), or agree with a run that does
 (`relaxed`); a localization too weak to relax within the longest confirmation run is set aside unrun. Then the step:
 relaxed chains roam further than the grid's short ones, into regions where the grid's step can be too large, so the
-relaxed pick runs once more at a third of its step, relaxed too (3x the burn-in and draws); where the two agree the pick stands,
-where they do not the smaller step replaces it and is checked in turn, up to STEP_CHECKS smaller steps within 27x
-the study's burn-in, the smallest recommended when none agrees (`step_plateau`). Where the
+relaxed pick runs once more at a third of its step, relaxed too (3x the burn-in and draws); where the two agree the
+smaller step is recommended (it carries the smaller step bias), where they do not it replaces the pick and is checked
+in turn, up to STEP_CHECKS smaller steps within 27x the study's burn-in, the smallest recommended when none agrees
+(`step_plateau`). Where the
 standard error is above `precision` of the LLC, it runs once more with the chains that bring it there
 (`more_chains`), and those are recommended too. Every row also carries the Hessian's smallest
 eigenvalue at the checkpoint and the localization margin gamma + nbeta lambda_min: where it is negative the
@@ -228,8 +229,8 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
                     print(f"calibration: standard error {chosen_run['llc_sem']:.2g} is above {precision:g} of the "
                           f"LLC; running {chains} chains", file=sys.stderr)
                 # more chains test the drift with more power: still settling, they get a longer burn-in too
-                precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"]}, 7, check="chains",
-                                   lr=chosen_run["lr_option"])
+                precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"], "draws": chosen_run["n_draws"]},
+                                   7, check="chains", lr=chosen_run["lr_option"])
                 if precise[-1]["healthy"]:  # one recommended confirmation row: the one with the chains it needs
                     for row in runs:
                         row["recommended"] = False
@@ -274,26 +275,29 @@ def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -
 def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, longest_burnin: float,
                  progress: bool) -> tuple[int | None, list[dict]]:
     """Is the relaxed pick attempts[pick] on a step plateau? It runs once more at a third of its step, relaxed too
-    (SMALLER_STEP x the burn-in and draws: the same relaxation times and sampling time), and where the two agree the pick stands (the
-    larger step costs the study a third of the steps); where they do not, the smaller step replaces it and is checked
-    in turn, up to STEP_CHECKS smaller steps while that run's burn-in stays within `longest_burnin`. Returns the index
-    of the run to recommend (None: a smaller step's chains were unhealthy, so there is no evidence of a plateau) and
-    the attempts with the step checks; each carries the LLC of the step it checked and whether it agrees with it.
+    (SMALLER_STEP x the burn-in and draws: the same relaxation times and sampling time). Where the two agree, the
+    smaller step is recommended: it is on the plateau and carries the smaller step bias (the grid's rule too: a
+    larger step that merely agrees within the tolerance can still be 10% high). Where they do not, the smaller step
+    replaces the pick and is checked in turn, up to STEP_CHECKS smaller steps while that run's burn-in stays within
+    `longest_burnin`; the last one is recommended when none agrees. A check whose chains are still settling (|drift|
+    or R-hat alone) says nothing about the step, so the step it checked is recommended, and said; one whose chains
+    diverged or left the basin sets the localization aside. Returns the index of the run to recommend (None: set
+    aside) and the attempts with the step checks; each carries the LLC of the step it checked and whether it agrees.
 
     The grid judges the step on short chains: relaxed chains roam further from the checkpoint, into regions whose
     curvature the step was not chosen for, and there the grid's step can be too large. Relaxed, the multiplicity-4
-    deep linear net's student at n = 59,940 gave +13% of the truth at 0.03/nbeta and -3% at 0.01/nbeta (gamma 10),
-    and the full-rank 5-5-5-5 net's +29% and +0% at gamma 3 (docs/llc-localization.md, fifth table). Where the
-    last smaller step affordable still disagrees, it is recommended: the step's bias falls with the step."""
+    deep linear net's student at n = 59,940 gave 31.1 +- 0.7 (+13% of the truth) at 0.03/nbeta and 26.9 +- 1.2 (-2%)
+    at 0.01/nbeta (gamma 10), which agree within the tolerance, and the full-rank 5-5-5-5 net +29% and +0% at gamma 3
+    (docs/llc-localization.md, fifth table)."""
     checked = 0
     while True:
         current = attempts[pick]
         burnin = SMALLER_STEP * max(int(current["n_burnin"]), math.ceil(relaxation_burnin(current, lambda_min)))
         if checked == STEP_CHECKS or (checked and burnin > longest_burnin):
             if progress:
-                print(f"calibration: no step plateau within {STEP_CHECKS} smaller steps and {longest_burnin:,.0f} "
-                      f"burn-in steps; recommending the smallest step run, {current['lr_option']} (the step's bias "
-                      "falls with the step)", file=sys.stderr)
+                print(f"calibration: no step plateau within {checked} smaller steps and {longest_burnin:,.0f} burn-in "
+                      f"steps; recommending the smallest step run, {current['lr_option']} (the step's bias falls with "
+                      "the step)", file=sys.stderr)
             return pick, attempts
         lr = f"{current['lr_nbeta'] / SMALLER_STEP:.2g}/nbeta"
         if progress:
@@ -307,10 +311,17 @@ def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, l
                        agrees_with_larger_step=bool(smaller["healthy"]) and agree(smaller, current))
         attempts = attempts + [smaller]
         if not smaller["healthy"]:
-            return None, attempts
+            if not still_settling(smaller):
+                return None, attempts
+            if progress:
+                print(f"calibration: the step check's chains were still settling (drift {smaller['drift']:.2g}, R-hat "
+                      f"{smaller['rhat']:.3g}): {current['lr_option']} is recommended without a step plateau",
+                      file=sys.stderr)
+            return pick, attempts
+        pick = len(attempts) - 1
         if smaller["agrees_with_larger_step"]:
             return pick, attempts
-        pick, checked = len(attempts) - 1, checked + 1
+        checked += 1
 
 
 def confirmation_rows(attempts: list[dict], recommended: int | None) -> list[dict]:

@@ -168,7 +168,7 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
     if len(confirmations):
         print("\nconfirmation at the study's length (the grid's pick, run again with its chains and draws; where its "
               "burn-in is under 3 relaxation times, once more at 3, the shorter recommended if the two agree; then "
-              "at a third of the step, relaxed too, the smaller step recommended where the two disagree):")
+              "at a third of the step, relaxed too, recommended where the two agree and checked in turn where not):")
         print(confirmations[["check"] + columns + ["relaxation_steps", "agrees_with_larger_step", "recommended"]]
               .to_string(index=False, float_format=number))
     setting = recommended_setting(table)

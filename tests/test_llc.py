@@ -344,6 +344,8 @@ def test_calibration_confirms_with_the_chains_its_precision_needs():
     assert list(confirmation.recommended) == [False, False, True]
     setting = recommended_setting(full)
     assert (setting["chains"], setting["llc_sem"]) == (precise.n_chains, precise.llc_sem)
+    # the comparison printed with it is its step check's: against the pick at three times the step
+    assert setting["llc_at_larger_step"] == first.llc_at_larger_step == confirmation.llc_mean.iloc[0]
     assert abs(setting["llc_mean"] - 5) < 0.15 * 5
     # at the default precision (5%) the same two chains suffice: no extra run
     default = calibrate(ctx, lrs=["0.3/nbeta", "0.1/nbeta"], localizations=["1"], nbetas=["n/log n"],

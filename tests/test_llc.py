@@ -555,7 +555,7 @@ def test_a_confirmation_that_disagrees_with_its_relaxed_run_is_replaced_by_it():
     assert pick == 0 and len(attempts) == 1
 
 
-def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step():
+def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
     """A relaxed pick runs once more at a third of its step (3x the burn-in and draws). One that cannot be right (it
     claims 50 +- 0.1 where the LLC is 3) disagrees with that run, which replaces it and is checked in turn at a third
     of its own step: those two agree, and the smaller of the two is recommended. Where the second check would pass
@@ -582,8 +582,10 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step():
     assert attempts[2]["llc_at_larger_step"] == attempts[1]["llc_mean"]
     assert abs(attempts[1]["llc_mean"] - 3) < 0.15 * 3
     # the second check would need 2,700 burn-in steps: beyond 2,000 the smaller step is recommended unchecked
-    pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 2_000, progress=False)
+    pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 2_000, progress=True)
     assert pick == 1 and len(attempts) == 2
+    assert ("no step plateau and a third of 0.1/nbeta would need 2,700 burn-in steps, more than 2,000; recommending "
+            "the smallest step run, 0.1/nbeta") in capsys.readouterr().err
     # a pick on the plateau: its check agrees at once, and is recommended (the smaller step bias)
     right = {**wrong, "llc_mean": attempts[1]["llc_mean"], "llc_sem": attempts[1]["llc_sem"]}
     pick, attempts = step_plateau([right], 0, run_pick, lambda_min, 10_000, progress=False)

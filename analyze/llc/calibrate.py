@@ -295,9 +295,11 @@ def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, l
         burnin = SMALLER_STEP * max(int(current["n_burnin"]), math.ceil(relaxation_burnin(current, lambda_min)))
         if checked == STEP_CHECKS or (checked and burnin > longest_burnin):
             if progress:
-                print(f"calibration: no step plateau within {checked} smaller steps and {longest_burnin:,.0f} burn-in "
-                      f"steps; recommending the smallest step run, {current['lr_option']} (the step's bias falls with "
-                      "the step)", file=sys.stderr)
+                why = (f"after {STEP_CHECKS} smaller steps" if checked == STEP_CHECKS else
+                       f"and a third of {current['lr_option']} would need {burnin:,} burn-in steps, more than "
+                       f"{longest_burnin:,.0f}")
+                print(f"calibration: no step plateau {why}; recommending the smallest step run, "
+                      f"{current['lr_option']} (the step's bias falls with the step)", file=sys.stderr)
             return pick, attempts
         lr = f"{current['lr_nbeta'] / SMALLER_STEP:.2g}/nbeta"
         if progress:

@@ -129,9 +129,10 @@ def calibrated_setting(analysis: Path, run_name: str, cut: int, cut_ckpt: Path, 
     parameters = sum(t.numel() for t in read_checkpoint(cut_ckpt).tensors.values())
     if parameters >= LARGE_MODEL:
         (lr, burnin), strongest = SCALE_FALLBACK, strongest_localization(localizations, cut_ckpt, data_root)
-        return LLCSetting(lr, strongest, burnin, f"no calibrated setting qualified: on this {parameters:,}-parameter model the "
-                f"step and burn-in that hold a 268,800-parameter deep linear net's chains in the basin "
-                f"(docs/llc-validation-scale.md), at the calibration grid's strongest localization, gamma {strongest}")
+        return LLCSetting(lr, strongest, burnin, (
+            f"no calibrated setting qualified: on this {parameters:,}-parameter model the step and burn-in that hold "
+            "a 268,800-parameter deep linear net's chains in the basin (docs/llc-validation-scale.md), at the "
+            f"calibration grid's strongest localization, gamma {strongest}"))
     return LLCSetting(DEFAULTS["lr"], DEFAULTS["localization"], DEFAULTS["burnin"],
                       "no calibrated setting qualified: the validated defaults")
 

@@ -577,7 +577,8 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
     pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 10_000, progress=False)
     assert pick == 2 and [a["check"] for a in attempts] == ["relaxation", "step", "step"]
     assert [a["lr_option"] for a in attempts] == ["0.3/nbeta", "0.1/nbeta", "0.033/nbeta"]
-    assert [a["n_burnin"] for a in attempts] == [300, 900, 2700] and [a["n_draws"] for a in attempts] == [300, 900, 2700]
+    assert [a["n_burnin"] for a in attempts] == [300, 900, 2700]
+    assert [a["n_draws"] for a in attempts] == [300, 900, 2700]
     assert [a["agrees_with_larger_step"] for a in attempts[1:]] == [False, True]
     assert attempts[2]["llc_at_larger_step"] == attempts[1]["llc_mean"]
     assert abs(attempts[1]["llc_mean"] - 3) < 0.15 * 3

@@ -747,7 +747,10 @@ def test_analyze_warns_when_llc_estimates_are_not_healthy(tiny_ckpts, capsys):
     (["--confirm-chains", "1"], "--confirm-chains"),
     (["--confirm-draws", "-5"], "--confirm-draws"),
     (["--precision", "1.5"], "--precision"),
-    (["--lr", "fast"], "--llc-lr"),
+    (["--lr", "fast"], "--lr:"),
+    (["--localization", "x"], "--localization:"),
+    (["--nbeta", "bogus"], "--nbeta:"),
+    (["--batch-size", "big"], "--batch-size:"),
     (["--confirm-burnin", "soon"], "--confirm-burnin"),
 ])
 def test_calibrate_refuses_bad_options_in_one_line_before_loading(tmp_path, capsys, argv, flag):
@@ -756,3 +759,4 @@ def test_calibrate_refuses_bad_options_in_one_line_before_loading(tmp_path, caps
     assert main(["calibrate", str(tmp_path / "missing.safetensors"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("analyze calibrate: error:") and flag in err
+    assert "--llc-" not in err  # the option as calibrate calls it, not as the llc estimator does

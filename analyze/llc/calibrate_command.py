@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         table = calibrate(ctx, lrs, locs, nbetas, common, study=study if args.confirm_draws else None,
                           precision=args.precision)
     except (EstimatorError, CheckpointError, DataError) as e:
-        print(f"analyze calibrate: error: {e}", file=sys.stderr)
+        print(f"analyze calibrate: error: {own_flags(str(e))}", file=sys.stderr)
         return 2
     # Written as one task of the analysis store (same checkpoint hash, keys and completion marker as the
     # estimators' tables), so analyze.load() and the report see it and it joins the other tables.
@@ -121,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(table, lrs, path)
     print(f"calibration table: {out / 'calibration'}")
     return 0
+
+
+# llc estimator options calibrate takes under its own names (--lr for --llc-lr)
+SHARED_OPTIONS = ("lr", "localization", "nbeta", "chains", "draws", "burnin", "batch-size", "gradient", "sampler",
+                  "seed")
+
+
+def own_flags(message: str) -> str:
+    """The llc estimator's messages name its flags (--llc-lr); here the option was given as calibrate's (--lr)."""
+    return re.sub(r"--llc-([a-z-]+)", lambda m: f"--{m[1]}" if m[1] in SHARED_OPTIONS else m[0], message)
 
 
 def margin_text(grid) -> str:

@@ -593,6 +593,30 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
     assert pick == 1 and len(attempts) == 2 and attempts[1]["agrees_with_larger_step"]
 
 
+def test_a_step_check_still_settling_leaves_the_checked_step_recommended(capsys):
+    """A step check whose chains are unhealthy by R-hat alone (90 draws, 27 burn-in steps) says nothing about the
+    step: the pick it checked stays recommended, and calibrate says so in one line."""
+    from analyze.llc.calibrate import step_plateau, settled_point, still_settling
+
+    ctx = linear_regression_context(10)
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
+    common = dict(chains=4, draws=200, burnin=1, batch_size="0")
+
+    def run_pick(options: dict, seed_block: int, attempts: int = 3, check: str = "", lr: str = "0.1/nbeta"):
+        rows = settled_point(ctx, lr, "1", "n/log n", {**common, **options}, attempts, seed_block, math.nan)
+        return [{**row, "check": check} for row in rows]
+
+    pick_row = {"lr": 0.1 / nbeta, "lr_nbeta": 0.1, "lr_option": "0.1/nbeta", "localization": 1.0, "nbeta": nbeta,
+                "n_burnin": 1, "n_draws": 30, "healthy": True, "llc_mean": 5.0, "llc_sem": 0.1, "check": "relaxation"}
+    pick, attempts = step_plateau([pick_row], 0, run_pick, lambda_min, 10_000, progress=True)
+    check = attempts[1]
+    assert (check["lr_option"], check["n_draws"]) == ("0.033/nbeta", 90)
+    assert not check["healthy"] and still_settling(check) and check["rhat"] > 1.1
+    assert pick == 0 and len(attempts) == 2
+    assert "the step check's chains were still settling" in capsys.readouterr().err
+
+
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):
     """Without localization the MLP's chains roam (R-hat far above 1.1) even with 3x the burn-in: the smaller steps
     at that localization are not run (they would cost the most), while at a localization where the chains are

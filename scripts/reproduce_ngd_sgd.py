@@ -18,8 +18,8 @@ Hessian trace than SGD. Stages, each timed and printed:
    and lambda_max, with the standard error of the sample subset, plus the `evaluate` losses;
 4. the study's own sampler setting (eps 1e-4, gamma 100, 2 x 1,000, plain minibatches of 128) on every
    fifth epoch;
-5. LLC at the calibrated setting at every checkpoint (--llc-epochs restricts it), the study's chain and
-   draw counts (2 x 1,000);
+5. LLC at the calibrated setting at every checkpoint (--llc-epochs restricts it), the study's chain count (2)
+   and the recommendation's draws (its step check's: 3x the study's 1,000, at a third of the pick's step);
 6. the report, and the verdicts: NGD above / below / no different from SGD, for the LLC and for Tr(H), at
    matched epoch and at matched training loss (each NGD checkpoint against the SGD checkpoint nearest in
    training loss: NGD trains faster, and both measures move as the loss falls). Only checkpoints whose

@@ -555,25 +555,35 @@ def test_a_confirmation_that_disagrees_with_its_relaxed_run_is_replaced_by_it():
     assert pick == 0 and len(attempts) == 1
 
 
+def step_check_case(ctx: Context, c: float, localization: float, common: dict, **row) -> tuple:
+    """What step_plateau gets from confirm: run_pick at the pick's localization (rows tagged with their check), and
+    a relaxed healthy pick at step c/nbeta with `row`'s burn-in, draws and estimate."""
+    from analyze.llc.calibrate import settled_point
+
+    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
+
+    def run_pick(options: dict, seed_block: int, attempts: int = 3, check: str = "", lr: str = f"{c:g}/nbeta"):
+        rows = settled_point(ctx, lr, f"{localization:g}", "n/log n", {**common, **options}, attempts, seed_block,
+                             math.nan)
+        return [{**r, "check": check} for r in rows]
+
+    pick = {"lr": c / nbeta, "lr_nbeta": c, "lr_option": f"{c:g}/nbeta", "localization": localization, "nbeta": nbeta,
+            "healthy": True, "check": "relaxation", **row}
+    return run_pick, pick
+
+
 def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
     """A relaxed pick runs once more at a third of its step (3x the burn-in and draws). One that cannot be right (it
     claims 50 +- 0.1 where the LLC is 3) disagrees with that run, which replaces it and is checked in turn at a third
     of its own step: those two agree, and the smaller of the two is recommended. Where the second check would pass
     the longest burn-in, the first smaller step is recommended unchecked; a pick on the plateau is recommended at the
     step of its first check, which agrees."""
-    from analyze.llc.calibrate import step_plateau, settled_point
+    from analyze.llc.calibrate import step_plateau
 
     ctx = with_dead_inputs(linear_regression_context(10), 4)
     lambda_min = bottom_hessian_eigenvalue(ctx)
-    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
     common = dict(chains=4, draws=300, burnin=300, batch_size="0")
-
-    def run_pick(options: dict, seed_block: int, attempts: int = 3, check: str = "", lr: str = "0.3/nbeta"):
-        rows = settled_point(ctx, lr, "30", "n/log n", {**common, **options}, attempts, seed_block, math.nan)
-        return [{**row, "check": check} for row in rows]
-
-    wrong = {"lr": 0.3 / nbeta, "lr_nbeta": 0.3, "lr_option": "0.3/nbeta", "localization": 30.0, "nbeta": nbeta,
-             "n_burnin": 300, "n_draws": 300, "healthy": True, "llc_mean": 50.0, "llc_sem": 0.1, "check": "relaxation"}
+    run_pick, wrong = step_check_case(ctx, 0.3, 30.0, common, n_burnin=300, n_draws=300, llc_mean=50.0, llc_sem=0.1)
     pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 10_000, progress=False)
     assert pick == 2 and [a["check"] for a in attempts] == ["relaxation", "step", "step"]
     assert [a["lr_option"] for a in attempts] == ["0.3/nbeta", "0.1/nbeta", "0.033/nbeta"]
@@ -596,19 +606,12 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
 def test_a_step_check_still_settling_leaves_the_checked_step_recommended(capsys):
     """A step check whose chains are unhealthy by R-hat alone (90 draws, 27 burn-in steps) says nothing about the
     step: the pick it checked stays recommended, and calibrate says so in one line."""
-    from analyze.llc.calibrate import step_plateau, settled_point, still_settling
+    from analyze.llc.calibrate import step_plateau, still_settling
 
     ctx = linear_regression_context(10)
     lambda_min = bottom_hessian_eigenvalue(ctx)
-    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
     common = dict(chains=4, draws=200, burnin=1, batch_size="0")
-
-    def run_pick(options: dict, seed_block: int, attempts: int = 3, check: str = "", lr: str = "0.1/nbeta"):
-        rows = settled_point(ctx, lr, "1", "n/log n", {**common, **options}, attempts, seed_block, math.nan)
-        return [{**row, "check": check} for row in rows]
-
-    pick_row = {"lr": 0.1 / nbeta, "lr_nbeta": 0.1, "lr_option": "0.1/nbeta", "localization": 1.0, "nbeta": nbeta,
-                "n_burnin": 1, "n_draws": 30, "healthy": True, "llc_mean": 5.0, "llc_sem": 0.1, "check": "relaxation"}
+    run_pick, pick_row = step_check_case(ctx, 0.1, 1.0, common, n_burnin=1, n_draws=30, llc_mean=5.0, llc_sem=0.1)
     pick, attempts = step_plateau([pick_row], 0, run_pick, lambda_min, 10_000, progress=True)
     check = attempts[1]
     assert (check["lr_option"], check["n_draws"]) == ("0.033/nbeta", 90)

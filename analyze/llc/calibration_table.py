@@ -37,28 +37,21 @@ def recommended_setting(table: pd.DataFrame) -> dict | None:
     stage = rec["stage"] if "stage" in rec else pd.Series("grid", index=rec.index)
     confirmed = rec[stage == "confirmation"]
     r = (confirmed if len(confirmed) else rec).iloc[-1]
-    # a confirmed pick at a smaller step than the grid's was checked against the larger one; otherwise the grid's
-    checks = step_checks(table, r.lr_option, r.localization_option) if len(confirmed) else table.iloc[:0]
-    larger = checks.llc_at_larger_step.iloc[-1] if len(checks) else rec.iloc[0].llc_at_larger_step
+    # the step checks at its localization: the one that checked this step against a larger one (a confirmed pick at a
+    # smaller step than the grid's; otherwise the grid's neighbour), and the one that checked it at a smaller step
+    checks = step_checks(table, r.localization_option) if len(confirmed) else table.iloc[:0]
+    of_this = checks[checks.lr_option == r.lr_option]
+    smaller = checks[np.isclose(checks.lr_nbeta * SMALLER_STEP, r.lr_nbeta, rtol=0.05)]
+    larger = of_this.llc_at_larger_step.iloc[-1] if len(of_this) else rec.iloc[0].llc_at_larger_step
     return {"lr": str(r.lr_option), "localization": str(r.localization_option), "nbeta": str(r.nbeta_option),
             "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
             "chains": int(r.n_chains) if len(confirmed) else None,
             "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem), "llc_at_larger_step": float(larger),
-            "llc_at_smaller_step": step_check(table, r)}
+            "llc_at_smaller_step": float(smaller.llc_mean.iloc[-1]) if len(smaller) else math.nan}
 
 
-def step_checks(table: pd.DataFrame, lr_option: str, localization_option: str) -> pd.DataFrame:
-    """calibrate's step-check runs at this step and localization (each against a step SMALLER_STEP x larger)."""
+def step_checks(table: pd.DataFrame, localization_option: str) -> pd.DataFrame:
+    """calibrate's step-check runs at this localization (each against the step SMALLER_STEP x larger)."""
     if "check" not in table:
         return table.iloc[:0]
-    return table[(table["check"] == "step") & (table.lr_option == lr_option)
-                 & (table.localization_option == localization_option)]
-
-
-def step_check(table: pd.DataFrame, row) -> float:
-    """The LLC of the relaxed run at a third of `row`'s step that checked it (calibrate's step plateau), or NaN."""
-    if "check" not in table:
-        return math.nan
-    checks = table[(table["check"] == "step") & np.isclose(table.lr_nbeta * SMALLER_STEP, row.lr_nbeta, rtol=0.05)
-                   & (table.localization_option == row.localization_option)]
-    return float(checks.llc_mean.iloc[-1]) if len(checks) else math.nan
+    return table[(table["check"] == "step") & (table.localization_option == localization_option)]

@@ -568,6 +568,7 @@ def step_check_case(ctx: Context, c: float, localization: float, common: dict, *
         return [{**r, "check": check} for r in rows]
 
     pick = {"lr": c / nbeta, "lr_nbeta": c, "lr_option": f"{c:g}/nbeta", "localization": localization, "nbeta": nbeta,
+            "localization_option": f"{localization:g}", "nbeta_option": "n/log n", "n_chains": common["chains"],
             "healthy": True, "check": "relaxation", **row}
     return run_pick, pick
 
@@ -605,8 +606,10 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
 
 def test_a_step_check_still_settling_leaves_the_checked_step_recommended(capsys):
     """A step check whose chains are unhealthy by R-hat alone (90 draws, 27 burn-in steps) says nothing about the
-    step: the pick it checked stays recommended, and calibrate says so in one line."""
-    from analyze.llc.calibrate import step_plateau, still_settling
+    step: the pick it checked stays recommended, and calibrate says so in one line; the printed recommendation
+    shows the check's LLC as unsettled, not as a plateau test."""
+    from analyze.llc.calibrate import confirmation_rows, step_plateau, still_settling
+    from analyze.llc.calibrate_command import recommended_text
 
     ctx = linear_regression_context(10)
     lambda_min = bottom_hessian_eigenvalue(ctx)
@@ -618,6 +621,12 @@ def test_a_step_check_still_settling_leaves_the_checked_step_recommended(capsys)
     assert not check["healthy"] and still_settling(check) and check["rhat"] > 1.1
     assert pick == 0 and len(attempts) == 2
     assert "the step check's chains were still settling" in capsys.readouterr().err
+    table = pd.DataFrame(confirmation_rows(attempts, pick))
+    setting = recommended_setting(table)
+    assert (setting["lr"], setting["llc_at_smaller_step"]) == ("0.1/nbeta", check["llc_mean"])
+    assert not setting["smaller_step_healthy"]
+    assert recommended_text(setting, "sgld").endswith(
+        f"at a third of the step, relaxed: {check['llc_mean']:.3g}, its chains still settling: no plateau test)")
 
 
 def test_calibration_gives_up_a_localization_whose_chains_roam(mlp_context):

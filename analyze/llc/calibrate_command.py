@@ -184,15 +184,7 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
               .to_string(index=False, float_format=number))
     setting = recommended_setting(table)
     if setting:
-        sampler = "" if grid.sampler.iloc[0] == "sgld" else f" --llc-sampler {grid.sampler.iloc[0]}"
-        burnin = f" --llc-burnin {setting['burnin']}" if setting["burnin"] is not None else ""
-        burnin += (f" --llc-draws {setting['draws']} --llc-chains {setting['chains']}"
-                   if setting["chains"] is not None else "")
-        smaller = (f"; at a third of the step, relaxed: {setting['llc_at_smaller_step']:.3g}"
-                   if math.isfinite(setting["llc_at_smaller_step"]) else "")
-        print(f"\nrecommended:{sampler} --llc-lr {setting['lr']} --llc-localization {setting['localization']} "
-              f"--llc-nbeta '{setting['nbeta']}'{burnin}   (LLC {setting['llc_mean']:.3g} +- {setting['llc_sem']:.2g}; "
-              f"at the next larger step: {setting['llc_at_larger_step']:.3g}" + smaller + ")")
+        print("\n" + recommended_text(setting, grid.sampler.iloc[0]))
     elif grid.not_at_minimum.all():
         print(f"\nno setting qualifies: {path} is not at a local minimum (every setting found lower loss than the "
               f"checkpoint, LLC < 0 by > {NOT_AT_MINIMUM_SE:g} standard errors), so its LLC is not defined; calibrate on "
@@ -205,3 +197,20 @@ def print_summary(table, lrs: list[str], path: Path) -> None:
         print(f"\nno setting qualifies: at no localization are all steps healthy (no divergence, in the basin, R-hat < "
               f"{RHAT_MAX}, |drift| <= {DRIFT_MAX:g}, step_curvature < {STABLE_STEP:g}) with a step that agrees with the "
               "next larger one; try smaller steps, longer chains (--draws, --burnin), or other localizations")
+
+
+def recommended_text(setting: dict, sampler: str) -> str:
+    """The recommendation as the `analyze` flags that run it, with its LLC and the step checks' around it."""
+    flags = "" if sampler == "sgld" else f" --llc-sampler {sampler}"
+    flags += f" --llc-lr {setting['lr']} --llc-localization {setting['localization']} --llc-nbeta '{setting['nbeta']}'"
+    if setting["burnin"] is not None:
+        flags += f" --llc-burnin {setting['burnin']}"
+    if setting["chains"] is not None:
+        flags += f" --llc-draws {setting['draws']} --llc-chains {setting['chains']}"
+    smaller = ""
+    if math.isfinite(setting["llc_at_smaller_step"]):
+        smaller = f"; at a third of the step, relaxed: {setting['llc_at_smaller_step']:.3g}"
+        if not setting["smaller_step_healthy"]:  # step_plateau kept this step: that check had not settled
+            smaller += ", its chains still settling: no plateau test"
+    return (f"recommended:{flags}   (LLC {setting['llc_mean']:.3g} +- {setting['llc_sem']:.2g}; "
+            f"at the next larger step: {setting['llc_at_larger_step']:.3g}{smaller})")

@@ -30,7 +30,8 @@ def plateau_text(table: pd.DataFrame) -> str:
 
 def recommended_setting(table: pd.DataFrame) -> dict | None:
     """The recommended setting: lr, localization and nbeta options, burn-in and chains (None when it was not
-    confirmed: any), the draws it was run at, and its LLC; None when nothing is recommended."""
+    confirmed: any), the draws it was run at, its LLC, the LLCs of the step checks around it (NaN where none ran)
+    and whether the check at a third of its step was healthy; None when nothing is recommended."""
     rec = table[table.recommended.fillna(False).astype(bool)]
     if not len(rec):
         return None
@@ -47,7 +48,9 @@ def recommended_setting(table: pd.DataFrame) -> dict | None:
             "burnin": int(r.n_burnin) if len(confirmed) else None, "draws": int(r.n_draws),
             "chains": int(r.n_chains) if len(confirmed) else None,
             "llc_mean": float(r.llc_mean), "llc_sem": float(r.llc_sem), "llc_at_larger_step": float(larger),
-            "llc_at_smaller_step": float(smaller.llc_mean.iloc[-1]) if len(smaller) else math.nan}
+            "llc_at_smaller_step": float(smaller.llc_mean.iloc[-1]) if len(smaller) else math.nan,
+            # a recommended step whose smaller check ran: that check's chains were still settling (step_plateau)
+            "smaller_step_healthy": bool(smaller.healthy.iloc[-1]) if len(smaller) else False}
 
 
 def step_checks(table: pd.DataFrame, localization_option: str) -> pd.DataFrame:

@@ -13,7 +13,7 @@ trained student's by about this much (about lambda / log n for a regular model).
 
 Usage: python scripts/validate_llc.py [--out llc-truth] [--calibrate] [--quick | --scale] [--doc docs/llc-validation.md]
        [--llc-OPTION VALUE ...]   (any `llc` estimator option, e.g. --llc-lr 0.01/nbeta, to try other settings)
---quick runs a small subset (the tests use it); the full suite with --calibrate takes about 10 minutes here (two
+--quick runs a small subset (the tests use it); the full suite with --calibrate takes about 15 minutes here (two
 cases at once, --jobs 2). --scale runs the cases at the NGD-vs-SGD study's size instead (their calibration over
 SCALE_GRID, marked "scale grid").
 docs/llc-validation.jsonl keeps the rows behind docs/llc-validation.md (--json); --from-json rebuilds the page.
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--cases", help="comma-separated case names (default: all but the --scale ones)")
     ap.add_argument("--scale", action="store_true", help="the cases at the NGD-vs-SGD study's size (n = 60,000, up to "
-                    "268,800 parameters; about 20 minutes here with training)")
+                    "268,800 parameters; with --calibrate about 25 minutes here, plus the training)")
     ap.add_argument("--calibrate", action="store_true", help="also estimate at analyze calibrate's recommendation")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="cases run at once, one process and one thread each (default: the cores, %(default)s)")

@@ -503,12 +503,7 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     assert relaxation_steps(eps, 10.0, nbeta, math.nan) == relaxation_steps(eps, 10.0, nbeta, 0.0)  # so does no value
     assert relaxation_steps(eps, 0.0, nbeta, 0.0) == math.inf
 
-    def grid_row(loc: float) -> dict:
-        return {"nbeta_option": "n/log n", "localization_option": f"{loc:g}", "lr_option": "0.1/nbeta",
-                "localization": loc, "lr": eps, "nbeta": nbeta, "healthy": True, "agrees_with_larger_step": True,
-                "llc_mean": 3.0, "llc_sem": 0.1, "n_burnin": 100, "stage": "grid"}
-
-    grid = pd.DataFrame([grid_row(1.0), grid_row(10.0)])
+    grid = pd.DataFrame([grid_row(1.0, 0.1, nbeta), grid_row(10.0, 0.1, nbeta)])
     common, study = dict(chains=4, draws=300, burnin=100, batch_size="0"), dict(chains=4, draws=300, burnin=100)
     table = confirm(ctx, grid, ["n/log n"], ["1", "10"], common, study, math.nan, lambda_min, progress=False)
     confirmation = table[table.stage == "confirmation"]
@@ -526,6 +521,41 @@ def test_a_confirmed_burn_in_covers_the_relaxation_of_the_flattest_direction():
     # with gamma 1 alone there is nothing to recommend
     alone = confirm(ctx, grid.iloc[:1], ["n/log n"], ["1"], common, study, math.nan, lambda_min, progress=False)
     assert not alone.recommended.any() and (alone.stage == "grid").all()
+
+
+def grid_row(loc: float, c: float, nbeta: float, agrees: bool = True) -> dict:
+    """A healthy calibration grid row at step c/nbeta and localization `loc` (LLC 3 +- 0.1 after 100 steps)."""
+    return {"nbeta_option": "n/log n", "localization_option": f"{loc:g}", "lr_option": f"{c:.2g}/nbeta",
+            "localization": loc, "lr": c / nbeta, "nbeta": nbeta, "healthy": True, "agrees_with_larger_step": agrees,
+            "llc_mean": 3.0, "llc_sem": 0.1, "n_burnin": 100, "stage": "grid"}
+
+
+def test_a_pick_too_slow_to_relax_starts_from_the_plateaus_larger_step():
+    """The grid's plateau at gamma 10 ends at 0.033/nbeta, whose 3 relaxation times are beyond the 9 x 100 burn-in
+    steps confirm runs at most; its larger neighbour 0.1/nbeta relaxes within them. The confirmation starts there,
+    relaxes, and its step check at a third of the step (0.033/nbeta, with the step check's longer budget) agrees:
+    the plateau's pick is recommended at the check's lengths. From a pick that needs a plateau, a check that never
+    agrees sets the localization aside (test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step)."""
+    from analyze.llc.calibrate import RELAXATION_TIMES, confirm, relaxable_start
+
+    ctx = with_dead_inputs(linear_regression_context(10), 4)
+    lambda_min = bottom_hessian_eigenvalue(ctx)
+    nbeta = len(ctx.splits.train) / math.log(len(ctx.splits.train))
+    grid = pd.DataFrame([grid_row(10.0, 0.1, nbeta, agrees=False), grid_row(10.0, 0.1 / 3, nbeta)])
+    needed = math.ceil(RELAXATION_TIMES * nbeta / (0.1 * 10))
+    assert 100 < needed <= 900 < 3 * needed
+    assert relaxable_start(grid, 1, lambda_min, 900) == 0 and relaxable_start(grid, 1, lambda_min, 3 * needed) == 1
+    assert relaxable_start(grid, 1, lambda_min, needed - 1) is None  # neither relaxes: set aside unrun
+    assert relaxable_start(grid.assign(agrees_with_larger_step=False), 1, lambda_min, 900) is None  # no plateau
+    common, study = dict(chains=4, draws=300, burnin=100, batch_size="0"), dict(chains=4, draws=300, burnin=100)
+    table = confirm(ctx, grid, ["n/log n"], ["10"], common, study, math.nan, lambda_min, progress=False)
+    confirmation = table[table.stage == "confirmation"]
+    assert list(confirmation.check) == ["study length", "relaxation", "step"] and confirmation.healthy.all()
+    assert list(confirmation.lr_option) == ["0.1/nbeta", "0.1/nbeta", "0.033/nbeta"]
+    assert list(confirmation.n_burnin) == [100, needed, 3 * needed]
+    assert list(confirmation.recommended) == [False, False, True] and confirmation.agrees_with_larger_step.iloc[2]
+    assert list(table[table.stage == "grid"].recommended) == [False, True]  # the plateau's pick
+    assert abs(confirmation.llc_mean.iloc[2] - 3) < 0.15 * 3
 
 
 def test_a_confirmation_that_disagrees_with_its_relaxed_run_is_replaced_by_it():
@@ -598,6 +628,10 @@ def test_a_relaxed_pick_off_the_step_plateau_moves_to_the_smaller_step(capsys):
     assert pick == 1 and len(attempts) == 2
     assert ("no step plateau and a third of 0.1/nbeta would need 2,700 burn-in steps, more than 2,000; recommending "
             "the smallest step run, 0.1/nbeta") in capsys.readouterr().err
+    # a pick started above the grid's plateau bottom (relaxable_start) needs the plateau: set aside
+    pick, attempts = step_plateau([wrong], 0, run_pick, lambda_min, 2_000, progress=True, plateau_required=True)
+    assert pick is None and len(attempts) == 2
+    assert "no step plateau and a third of 0.1/nbeta would need 2,700" in capsys.readouterr().err
     # a pick on the plateau: its check agrees at once, and is recommended (the smaller step bias)
     right = {**wrong, "llc_mean": attempts[1]["llc_mean"], "llc_sem": attempts[1]["llc_sem"]}
     pick, attempts = step_plateau([right], 0, run_pick, lambda_min, 10_000, progress=False)
@@ -621,6 +655,7 @@ def test_a_step_check_still_settling_leaves_the_checked_step_recommended(capsys)
     assert not check["healthy"] and still_settling(check) and check["rhat"] > 1.1
     assert pick == 0 and len(attempts) == 2
     assert "the step check's chains were still settling" in capsys.readouterr().err
+    assert step_plateau([pick_row], 0, run_pick, lambda_min, 10_000, progress=False, plateau_required=True)[0] is None
     table = pd.DataFrame(confirmation_rows(attempts, pick))
     setting = recommended_setting(table)
     assert (setting["lr"], setting["llc_at_smaller_step"]) == ("0.1/nbeta", check["llc_mean"])

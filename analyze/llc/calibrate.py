@@ -28,7 +28,9 @@ can miss a slow rise), and is recommended with the burn-in that settled it, or s
 localization's pick. A pick must also have relaxed: its burn-in must cover RELAXATION_TIMES relaxation times of the
 flattest direction (relaxation_steps = 1/(eps (gamma + nbeta max(lambda_min, 0))): where only the localizer holds a
 direction, the chains spread along it that slowly, and the drift test cannot see it), or agree with a run that does
-(`relaxed`); a localization too weak to relax within the longest confirmation run is set aside unrun. Then the step:
+(`relaxed`); where the pick is too slow to relax within the longest confirmation run but its larger neighbour on the
+plateau is not, the confirmation starts from that one and must reach a step plateau at the pick's step
+(`relaxable_start`); a localization too weak for either is set aside unrun. Then the step:
 relaxed chains roam further than the grid's short ones, into regions where the grid's step can be too large, so the
 relaxed pick runs once more at a third of its step, relaxed too (3x the burn-in and draws); where the two agree the
 smaller step is recommended (it carries the smaller step bias), where they do not it replaces the pick and is checked
@@ -80,7 +82,7 @@ PRECISION = 0.05  # standard error / LLC a confirmed recommendation should reach
 MAX_CHAINS = 16  # at most this many chains for it (16 chains x 1,000 draws cost four times the default's 4)
 EXTRA_STEPS = 2  # smaller steps tried at the weakest healthy localization when its smallest step has no plateau
 STEP_CHECKS = 2  # at most this many smaller steps while the check disagrees (within 27x the study's burn-in after one)
-DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "10", "100", "1000"]}
+DEFAULT_GRID = {"lr": ["0.1/nbeta", "0.03/nbeta", "0.01/nbeta"], "localization": ["1", "3", "10", "100", "1000"]}
 
 
 def context_for(path: Path, device: str = "cpu", data_root: str | None = None) -> Context:
@@ -177,7 +179,8 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
         chosen = grid.loc[best]
         longest_burnin = SETTLE_BURNIN ** (CONFIRM_RUNS - 1) * parse_burnin(study["burnin"], chosen.nbeta)
         needed = relaxation_burnin(chosen, lambda_min)
-        if needed > longest_burnin:
+        start = relaxable_start(grid, best, lambda_min, longest_burnin)
+        if start is None:
             # Too weak a localization to reach stationarity at an affordable length (relaxed): set aside unrun, the
             # next recommendation holds the flat directions more strongly.
             if progress:
@@ -188,6 +191,14 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
             set_aside.add((chosen.nbeta_option, chosen.localization_option))
             unrelaxed.append(chosen.localization_option)
             continue
+        walked = start != best
+        if walked:
+            if progress:
+                print(f"calibration: gamma {chosen.localization_option} at eps {chosen.lr_option} needs {needed:,.0f} "
+                      f"burn-in steps to relax, more than the longest confirmation run ({longest_burnin:,}); starting "
+                      f"from the plateau's larger step {grid.loc[start].lr_option}, which must reach a step plateau",
+                      file=sys.stderr)
+            chosen = grid.loc[start]
         if progress:
             print(f"calibration: confirming eps {chosen.lr_option}, gamma {chosen.localization_option} at "
                   f"{study['chains']} chains x {study['draws']} draws", file=sys.stderr)
@@ -218,7 +229,7 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
             pick, attempts = relaxed(attempts, run_pick, lambda_min, progress)
         if pick is not None:
             pick, attempts = step_plateau(attempts, pick, run_pick, lambda_min, SETTLE_BURNIN * longest_burnin,
-                                          progress)
+                                          progress, plateau_required=walked)
         runs += confirmation_rows(attempts, pick)
         if pick is not None:
             grid.loc[best, "recommended"] = True
@@ -272,8 +283,31 @@ def relaxed(attempts: list[dict], run_pick, lambda_min: float, progress: bool) -
     return (len(attempts) - 2 if agree(settled, longer) else len(attempts) - 1), attempts
 
 
+def relaxable_start(grid: pd.DataFrame, best, lambda_min: float, longest_burnin: float):
+    """Index of the grid row the confirmation of the pick grid.loc[best] starts from: the pick itself where its
+    chains relax within `longest_burnin` steps; otherwise its larger neighbour on the plateau (the pick agrees with
+    it), where that one relaxes within it (a step 3x larger relaxes in 3x fewer steps), and step_plateau then checks
+    it at a third of its step, the pick's, with the step check's longer budget; None where neither relaxes.
+
+    On the multiplicity-4 deep linear net at n = 990 the grid's plateau at gamma 3 ends at 0.01/nbeta, whose 14,353
+    relaxation steps exceed the 9,000 of the longest confirmation run, and gamma 10 (-15% and -26%) was recommended;
+    from 0.03/nbeta the relaxed check at 0.01/nbeta agrees, and gives +1% and -8% (docs/llc.md, "Started from the
+    plateau's larger step")."""
+    pick = grid.loc[best]
+    if relaxation_burnin(pick, lambda_min) <= longest_burnin:
+        return best
+    if not bool(pick.agrees_with_larger_step):
+        return None
+    same = grid[(grid.nbeta_option == pick.nbeta_option) & (grid.localization_option == pick.localization_option)
+                & (grid.lr > pick.lr)]
+    if not len(same):
+        return None
+    larger = same.lr.idxmin()
+    return larger if relaxation_burnin(grid.loc[larger], lambda_min) <= longest_burnin else None
+
+
 def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, longest_burnin: float,
-                 progress: bool) -> tuple[int | None, list[dict]]:
+                 progress: bool, plateau_required: bool = False) -> tuple[int | None, list[dict]]:
     """Is the relaxed pick attempts[pick] on a step plateau? It runs once more at a third of its step, relaxed too
     (SMALLER_STEP x the burn-in and draws: the same relaxation times and sampling time). Where the two agree, the
     smaller step is recommended: it is on the plateau and carries the smaller step bias (the grid's rule too: a
@@ -281,8 +315,12 @@ def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, l
     replaces the pick and is checked in turn, up to STEP_CHECKS smaller steps while that run's burn-in stays within
     `longest_burnin`; the last one is recommended when none agrees. A check whose chains are still settling (|drift|
     or R-hat alone) says nothing about the step, so the step it checked is recommended, and said; one whose chains
-    diverged or left the basin sets the localization aside. Returns the index of the run to recommend (None: set
-    aside) and the attempts with the step checks; each carries the LLC of the step it checked and whether it agrees.
+    diverged or left the basin sets the localization aside. With `plateau_required` (a pick started above the grid's
+    plateau bottom: relaxable_start) only an agreeing check is recommended; where none agrees, or a check is still
+    settling, the localization is set aside (from gamma 3 at 0.1/nbeta on the multiplicity-4 net at n = 59,940, the
+    smallest step within the budget, 0.033/nbeta, gave +43% and +54%). Returns the index of the run to recommend
+    (None: set aside) and the attempts with the step checks; each carries the LLC of the step it checked and whether
+    it agrees.
 
     The grid judges the step on short chains: relaxed chains roam further from the checkpoint, into regions whose
     curvature the step was not chosen for, and there the grid's step can be too large. Relaxed, the multiplicity-4
@@ -298,9 +336,12 @@ def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, l
                 why = (f"after {STEP_CHECKS} smaller steps" if checked == STEP_CHECKS else
                        f"and a third of {current['lr_option']} would need {burnin:,} burn-in steps, more than "
                        f"{longest_burnin:,.0f}")
-                print(f"calibration: no step plateau {why}; recommending the smallest step run, "
-                      f"{current['lr_option']} (the step's bias falls with the step)", file=sys.stderr)
-            return pick, attempts
+                then = ("setting the localization aside (started above the grid's plateau bottom, it needs one)"
+                        if plateau_required else
+                        f"recommending the smallest step run, {current['lr_option']} (the step's bias falls with the "
+                        "step)")
+                print(f"calibration: no step plateau {why}; {then}", file=sys.stderr)
+            return (None if plateau_required else pick), attempts
         lr = f"{current['lr_nbeta'] / SMALLER_STEP:.2g}/nbeta"
         if progress:
             print(f"calibration: checking the step {current['lr_option']} against {lr}, relaxed ({burnin:,} burn-in "
@@ -316,10 +357,11 @@ def step_plateau(attempts: list[dict], pick: int, run_pick, lambda_min: float, l
             if not still_settling(smaller):
                 return None, attempts
             if progress:
+                then = ("the localization is set aside (started above the grid's plateau bottom, it needs one)"
+                        if plateau_required else f"{current['lr_option']} is recommended without a step plateau")
                 print(f"calibration: the step check's chains were still settling (drift {smaller['drift']:.2g}, R-hat "
-                      f"{smaller['rhat']:.3g}): {current['lr_option']} is recommended without a step plateau",
-                      file=sys.stderr)
-            return pick, attempts
+                      f"{smaller['rhat']:.3g}): {then}", file=sys.stderr)
+            return (None if plateau_required else pick), attempts
         pick = len(attempts) - 1
         if smaller["agrees_with_larger_step"]:
             return pick, attempts

@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="first burn-in of the confirmation run: a whole number, or 'auto' as the llc estimator's "
                          "(grows as sqrt(nbeta)); 9x it is the longest confirmation run, and a localization whose "
                          "flattest direction needs more to relax (3 x 1/(eps (gamma + nbeta max(lambda_min, 0)))) is "
-                         "set aside; the relaxed pick's step check (a third of the step) runs 3x its burn-in and "
-                         "draws, and a second check within 27x (default: %(default)s)")
+                         "set aside, unless the plateau's larger step relaxes within it and its step check at the "
+                         "pick's step agrees; the relaxed pick's step check (a third of the step) runs 3x its burn-in "
+                         "and draws, and a second check within 27x (default: %(default)s)")
     ap.add_argument("--precision", type=float, default=PRECISION,
                     help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
                          f"confirmation run's is larger, it runs again with the chains that bring it there (at most "

@@ -323,6 +323,23 @@ def test_more_chains_bring_the_standard_error_to_the_precision_asked():
     assert more_chains({**row, "llc_sem": 2.0}, 0.05) == MAX_CHAINS  # 256 asked, capped
     assert more_chains({**row, "n_chains": 20, "llc_sem": 2.0}, 0.05) == 20  # never fewer than it ran
     assert more_chains(row, 0) == 4 and more_chains({**row, "llc_sem": float("nan")}, 0.05) == 4
+    # a run whose own error looks precise, from chains that spread by SD 1 in the runs before it: 16 chains
+    assert more_chains({**row, "llc_sem": 0.05}, 0.05, spread=1.0) == 16
+
+
+def test_the_chains_spread_is_pooled_over_healthy_runs():
+    """The demo's three confirmation runs at gamma 3 (4 chains each, SDs 3.69, 6.61 and 0.65): pooled by degrees of
+    freedom, sqrt((13.65 + 43.7 + 0.42) / 3) = 4.39; an unhealthy run and a one-chain run do not count."""
+    from analyze.llc.calibrate import pooled_spread
+
+    def run(sd, chains=4, healthy=True):
+        return {"llc_std": sd, "n_chains": chains, "healthy": healthy}
+
+    demo = [run(3.695), run(6.606), run(0.650)]
+    assert pooled_spread(demo) == pytest.approx(math.sqrt((3.695 ** 2 + 6.606 ** 2 + 0.650 ** 2) / 3))
+    assert pooled_spread(demo + [run(50.0, healthy=False), run(50.0, chains=1)]) == pooled_spread(demo)
+    assert pooled_spread([run(2.0, chains=2), run(4.0, chains=6)]) == pytest.approx(math.sqrt((4 + 5 * 16) / 6))
+    assert math.isnan(pooled_spread([run(1.0, chains=1)]))
 
 
 def test_calibration_confirms_with_the_chains_its_precision_needs():

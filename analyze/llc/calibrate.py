@@ -234,11 +234,14 @@ def confirm(ctx: Context, table: pd.DataFrame, nbetas: list[str], localizations:
         if pick is not None:
             grid.loc[best, "recommended"] = True
             chosen_run = attempts[pick]
-            chains = more_chains(chosen_run, precision)
+            spread = pooled_spread(attempts)
+            chains = more_chains(chosen_run, precision, spread)
             if chains > chosen_run["n_chains"]:
                 if progress:
-                    print(f"calibration: standard error {chosen_run['llc_sem']:.2g} is above {precision:g} of the "
-                          f"LLC; running {chains} chains", file=sys.stderr)
+                    print(f"calibration: the chains' spread at this localization (SD {spread:.2g}, pooled over its "
+                          f"healthy confirmation runs) gives {chosen_run['n_chains']} chains a standard error of "
+                          f"{spread / math.sqrt(chosen_run['n_chains']):.2g}, above {precision:g} of the LLC; running "
+                          f"{chains} chains", file=sys.stderr)
                 # more chains test the drift with more power: still settling, they get a longer burn-in too
                 precise = run_pick({"chains": chains, "burnin": chosen_run["n_burnin"], "draws": chosen_run["n_draws"]},
                                    7, check="chains", lr=chosen_run["lr_option"])
@@ -381,13 +384,26 @@ def shorter_and_disagreeing(confirmed: dict, grid_row) -> bool:
             and not agree(confirmed, grid_row))
 
 
-def more_chains(row: dict, precision: float) -> int:
-    """Chains for a standard error of `precision` x the LLC, from a run's own (the error falls as 1/sqrt(chains)),
-    at most MAX_CHAINS; the run's chains when it is already there (or precision is 0)."""
+def more_chains(row: dict, precision: float, spread: float = math.nan) -> int:
+    """Chains for a standard error of `precision` x the run's LLC: the error is spread / sqrt(chains), `spread` the
+    per-chain SD (by default the run's own, llc_sem x sqrt(chains)); at most MAX_CHAINS, and the run's chains when
+    it is already there (or precision is 0)."""
     chains, target = int(row["n_chains"]), precision * abs(row["llc_mean"])
-    if precision <= 0 or not math.isfinite(row["llc_sem"]) or row["llc_sem"] <= target:
+    if not math.isfinite(spread):
+        spread = row["llc_sem"] * math.sqrt(chains)
+    if precision <= 0 or not math.isfinite(spread) or spread / math.sqrt(chains) <= target:
         return chains
-    return max(chains, min(MAX_CHAINS, math.ceil(chains * (row["llc_sem"] / target) ** 2)))
+    return max(chains, min(MAX_CHAINS, math.ceil((spread / target) ** 2)))
+
+
+def pooled_spread(runs: list[dict]) -> float:
+    """The per-chain SD of the LLC pooled over the healthy `runs` (each weighted by its chains - 1 degrees of
+    freedom); NaN when none has two chains. One 4-chain run's SD has 3 degrees of freedom and can come out 10x too
+    small: on the demo's cut-off checkpoint (gamma 3) the recommended run's 4 chains had an SD of 0.65, the two runs
+    before it 3.7 and 6.6, and the demo's runs at that setting 4.3-6.6 (docs/llc.md, Open)."""
+    usable = [r for r in runs if r["healthy"] and r["n_chains"] > 1 and math.isfinite(r["llc_std"])]
+    dof = sum(r["n_chains"] - 1 for r in usable)
+    return math.sqrt(sum((r["n_chains"] - 1) * r["llc_std"] ** 2 for r in usable) / dof) if dof else math.nan
 
 
 def grid_point(ctx: Context, lr: str, loc: str, nb: str, largest: str, common: dict, index: int,

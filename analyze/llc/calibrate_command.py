@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                          "pick's step agrees; the relaxed pick's step check (a third of the step) runs 3x its burn-in "
                          "and draws, and a second check within 27x (default: %(default)s)")
     ap.add_argument("--precision", type=float, default=PRECISION,
-                    help="the standard error a confirmed setting should reach, as a fraction of its LLC: where the "
-                         f"confirmation run's is larger, it runs again with the chains that bring it there (at most "
+                    help="the standard error a confirmed setting should reach, as a fraction of its LLC: where its "
+                         "chains' spread (the per-chain SD pooled over the healthy confirmation runs at its "
+                         "localization) gives a larger one, it runs again with the chains that bring it there (at most "
                          f"{MAX_CHAINS}), and those chains are part of the recommendation; 0: never (default: "
                          "%(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="chain seed (default: %(default)s)")
